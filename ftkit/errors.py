@@ -1,0 +1,47 @@
+"""Errors a user can act on. Each carries the exit code the CLI returns.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (recipe, data, arguments),
+3 non-finite loss or gradient, 130 SIGINT, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+
+class FtkitError(Exception):
+    """A failure with a one-line, actionable message (no traceback without --debug)."""
+
+    exit_code = 1
+
+
+class RecipeError(FtkitError):
+    """One or more problems in a recipe; `problems` holds one formatted line each."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DataError(FtkitError):
+    """A problem in a data file, named as `file:line: what is wrong, what to do`."""
+
+    exit_code = 2
+
+
+class ModelError(FtkitError):
+    """The model, tokenizer or method cannot be built as the recipe asks."""
+
+    exit_code = 2
+
+
+class RunDirError(FtkitError):
+    """The run directory cannot be used as asked (non-empty, missing, incomplete)."""
+
+    exit_code = 2
+
+
+class NonFiniteError(FtkitError):
+    """Loss or gradient norm became NaN/inf; no update was applied."""
+
+    exit_code = 3
