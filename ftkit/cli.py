@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,7 +33,7 @@ def _root(
 
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable)."),
 ]
 
@@ -42,10 +42,14 @@ SetOption = Annotated[
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Run directory (overrides output_dir).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty run directory.")] = False,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Run directory (overrides output_dir).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing non-empty run directory.")
+    ] = False,
     resume: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--resume", help="Continue from the newest complete checkpoint, or from the one given."),
     ] = None,
 ) -> None:

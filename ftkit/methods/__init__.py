@@ -7,9 +7,10 @@ the checkpoint code. Importing this package must stay light (no torch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 from ftkit.methods.base import MethodConfig
 
@@ -21,7 +22,7 @@ class MethodEntry:
     module: str  # module holding `apply(model, config) -> model`
 
     def apply(self, model: Any, config: MethodConfig) -> Any:
-        fn: Callable[[Any, MethodConfig], Any] = getattr(import_module(self.module), "apply")
+        fn: Callable[[Any, MethodConfig], Any] = import_module(self.module).apply
         return fn(model, config)
 
 

@@ -56,7 +56,7 @@ class ModelSection(Section):
     )
 
 
-MethodSection = Annotated[Union[tuple(method_configs())], Field(discriminator="name")]
+MethodSection = Annotated[Union[tuple(method_configs())], Field(discriminator="name")]  # noqa: UP007
 
 
 class DataSection(Section):
@@ -69,9 +69,11 @@ class DataSection(Section):
     )
     format: Literal["alpaca", "chat", "text"] = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; chat: messages list (tokenizer's chat template); text: raw text.",
+        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text.",
     )
-    max_length: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted.")
+    max_length: int = Field(
+        1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted."
+    )
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens; by default only the completion is in the loss."
     )

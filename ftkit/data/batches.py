@@ -1,0 +1,52 @@
+"""Examples → batches: a seeded, length-grouped order, and right-padding collation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from ftkit.data.encode import IGNORE, Example
+
+MEGA_BATCHES = 64  # batches per sorting window: wide enough to group lengths, narrow enough to stay random
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch as lists of example indices; a pure function of (lengths, batch_size, seed, epoch).
+
+    1. permute all indices with random.Random seeded from (seed, epoch);
+    2. cut the permutation into windows of 64 * batch_size and sort each window by length,
+       longest first, so a batch holds similar lengths and little padding;
+    3. cut each window into batches of batch_size (the last batch of the epoch may be smaller;
+       it is kept) and shuffle the order of all batches with the same generator.
+    Every index appears exactly once. Resuming mid-epoch = recompute and skip the batches done.
+    """
+    rng = random.Random(f"ftkit-batch-order:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = MEGA_BATCHES * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    """input_ids, attention_mask and labels as int64 tensors, right-padded to the longest example.
+
+    Padding has input id `pad_id`, attention 0 and label -100 (never trained).
+    """
+    import torch
+
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,99 @@
+"""One row → token ids and labels (the loss mask), truncated to max_length.
+
+Labels equal input_ids where the token is trained and are -100 elsewhere. By default
+only assistant tokens are trained (completion-only); `train_on_prompt` trains all.
+Position 0 is always -100: no token predicts the first one (the model shifts labels
+left by one), so counting labels != -100 counts exactly the tokens in the loss.
+
+The sequence always ends with EOS, which is trained: a model that never sees EOS
+after an answer never learns to stop. When the rendered text does not end with EOS
+(ChatML closes turns with <|im_end|>\\n) EOS is appended; when it ends with EOS plus
+trailing whitespace (a template that writes "<|im_end|>\\n" with <|im_end|> as EOS),
+the whitespace is dropped so EOS stays last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ftkit.data.formats import Span, render_chat, text_of, to_messages
+from ftkit.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """A tokenized example: input_ids and labels of equal length (-100 = not trained), and its `path:line`."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+
+def encode_row(
+    row: dict, source: str, fmt: str, tokenizer: Any, max_length: int, train_on_prompt: bool
+) -> tuple[Example, bool]:
+    """(example, was_truncated) for one raw row; DataError when nothing in it would be trained."""
+    if fmt == "text":
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        ids = bos + tokenizer.encode(text_of(row, source), add_special_tokens=False)
+        trained = [True] * len(ids)
+    else:
+        text, spans = render_chat(to_messages(row, fmt, source), tokenizer, source)
+        text = _strip_after_eos(text, tokenizer.eos_token)
+        ids, trained = _tokenize_spans(text, spans, tokenizer)
+        trained = [train_on_prompt or t for t in trained]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+        # the conversation ends with the assistant's turn, so its closing EOS is the assistant's
+        trained.append(True)
+    labels = [tok if t else IGNORE for tok, t in zip(ids, trained, strict=True)]
+    if labels:
+        labels[0] = IGNORE
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
+        if truncated:
+            raise DataError(
+                f"{source}: no answer tokens left after truncation to data.max_length; "
+                f"raise data.max_length (now {max_length}) or shorten the prompt"
+            )
+        raise DataError(f"{source}: nothing to train on (the answer is empty); fill it in or remove the row")
+    return Example(input_ids=ids, labels=labels, source=source), truncated
+
+
+def _strip_after_eos(text: str, eos: str | None) -> str:
+    stripped = text.rstrip()
+    return stripped if eos and stripped.endswith(eos) else text
+
+
+def _tokenize_spans(text: str, spans: list[Span], tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` (no added special tokens) and whether each token starts inside a span.
+
+    The text is tokenized whole, exactly as at generation time, and tokens are matched
+    to spans by character offsets; a token that straddles a boundary belongs to the
+    side where it starts. Tokenizers without offsets (slow, Python ones) are tokenized
+    span by span instead.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return _tokenize_pieces(text, spans, tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    trained = [any(a <= start < b for a, b in spans) for start, _ in encoding["offset_mapping"]]
+    return ids, trained
+
+
+def _tokenize_pieces(text: str, spans: list[Span], tokenizer: Any) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    trained: list[bool] = []
+    cursor = 0
+    for a, b in [*spans, (len(text), len(text))]:
+        for piece, is_span in ((text[cursor:a], False), (text[a:b], True)):
+            if piece:
+                piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+                ids += piece_ids
+                trained += [is_span] * len(piece_ids)
+        cursor = max(cursor, b)
+    return ids, trained

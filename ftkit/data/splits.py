@@ -1,0 +1,82 @@
+"""The recipe's data section → tokenized train and validation examples, with counts."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftkit.data.encode import IGNORE, Example, encode_row
+from ftkit.data.sources import SUFFIXES, Row, read_rows
+from ftkit.errors import DataError
+from ftkit.recipe.schema import DataSection
+
+
+@dataclass
+class Splits:
+    """Train and validation examples, and `stats`: n_train, n_val, train_tokens, train_target_tokens,
+    val_tokens, truncated_train, truncated_val (examples cut to max_length), max_length, format."""
+
+    train: list[Example]
+    val: list[Example]
+    stats: dict
+
+
+def load_splits(data: DataSection, tokenizer: Any, seed: int) -> Splits:
+    """Read, check, split and tokenize the data as the recipe says.
+
+    `max_samples` keeps the first N rows of data.train, before any split. Validation is
+    data.val, or a seeded `val_fraction` of those rows (at least one row each side; both
+    keep file order), or nothing.
+    """
+    rows = _read_key("data.train", data.train)[: data.max_samples]
+    if data.val is not None:
+        train_rows, val_rows = rows, _read_key("data.val", data.val)
+    elif data.val_fraction > 0:
+        train_rows, val_rows = split_rows(rows, data.val_fraction, seed)
+    else:
+        train_rows, val_rows = rows, []
+    train, truncated_train = _encode_all(train_rows, data, tokenizer)
+    val, truncated_val = _encode_all(val_rows, data, tokenizer)
+    stats = {
+        "n_train": len(train),
+        "n_val": len(val),
+        "train_tokens": sum(len(ex.input_ids) for ex in train),
+        "train_target_tokens": sum(label != IGNORE for ex in train for label in ex.labels),
+        "val_tokens": sum(len(ex.input_ids) for ex in val),
+        "truncated_train": truncated_train,
+        "truncated_val": truncated_val,
+        "max_length": data.max_length,
+        "format": data.format,
+    }
+    return Splits(train=train, val=val, stats=stats)
+
+
+def _read_key(key: str, path: str) -> list[Row]:
+    file = Path(path)
+    if file.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{key}: unsupported file type {file.suffix or '(none)'!r} ({path}); use {', '.join(SUFFIXES)}")
+    if not file.is_file():
+        raise DataError(f"{key}: file not found: {path} (relative paths start at {Path.cwd()})")
+    return read_rows(path)
+
+
+def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train, val): round(fraction * n) rows, at least 1, drawn with random.Random(seed); file order kept."""
+    if len(rows) < 2:
+        raise DataError(f"data.val_fraction: {fraction} needs at least 2 rows to split, the file has {len(rows)}")
+    n_val = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    val_index = set(random.Random(seed).sample(range(len(rows)), n_val))
+    train = [row for i, row in enumerate(rows) if i not in val_index]
+    val = [row for i, row in enumerate(rows) if i in val_index]
+    return train, val
+
+
+def _encode_all(rows: list[Row], data: DataSection, tokenizer: Any) -> tuple[list[Example], int]:
+    examples, truncated = [], 0
+    for row, source in rows:
+        example, was_truncated = encode_row(row, source, data.format, tokenizer, data.max_length, data.train_on_prompt)
+        examples.append(example)
+        truncated += was_truncated
+    return examples, truncated

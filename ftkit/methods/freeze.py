@@ -1,0 +1,45 @@
+"""Partial fine-tuning: the first layers stay frozen, the last `trainable_layers` train.
+
+The classic transfer-learning practice: low layers hold general features, the top
+layers adapt to the task, at a fraction of full fine-tuning's optimizer memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftkit.errors import ModelError
+from ftkit.methods.configs import FreezeConfig
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of decoder blocks: the longest ModuleList with num_hidden_layers entries."""
+    import torch
+
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if not lists:
+        raise ModelError("method.name: freeze cannot find the model's decoder layers; use lora or full")
+    return lists[0]
+
+
+def apply(model: Any, config: FreezeConfig) -> Any:
+    model.requires_grad_(False)
+    layers = decoder_layers(model)
+    if config.trainable_layers > len(layers):
+        raise ModelError(
+            f"method.trainable_layers: {config.trainable_layers} is more than the model's {len(layers)} layers"
+        )
+    for layer in list(layers)[len(layers) - config.trainable_layers :]:
+        layer.requires_grad_(True)
+    names = dict(model.named_modules())
+    for wanted in config.trainable_modules:
+        matches = [m for n, m in names.items() if n == wanted or n.endswith("." + wanted)]
+        if not matches:
+            top = sorted({n.split(".")[-1] for n in names if n and not n.split(".")[-1].isdigit()})
+            raise ModelError(f"method.trainable_modules: no module named {wanted!r}; names here: {', '.join(top)}")
+        for module in matches:
+            module.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("method: nothing would train; raise method.trainable_layers or add trainable_modules")
+    return model

@@ -1,0 +1,12 @@
+"""Full fine-tuning: every weight of the model trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftkit.methods.configs import FullConfig
+
+
+def apply(model: Any, config: FullConfig) -> Any:
+    model.requires_grad_(True)
+    return model

@@ -1,0 +1,214 @@
+"""Base model + tokenizer building: hub id, local directory, or a built-in tiny model.
+
+Every model goes through one path, `transformers.AutoModelForCausalLM.from_pretrained`:
+a built-in model is first materialised as an ordinary model directory (config,
+safetensors, tokenizer), so QLoRA quantization, dtype handling and reloading by
+users work exactly as for a hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import ModelError
+from ftkit.recipe.schema import ModelSection
+
+BUILTIN_PREFIX = "builtin:"
+
+#: Llama-style shapes small enough for CPU. tiny-llama (~1.7M params) learns the
+#: quickstart task in minutes on 2 cores; micro-llama (~0.1M) is for tests.
+BUILTIN_MODELS: dict[str, dict[str, int]] = {
+    "tiny-llama": dict(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "micro-llama": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+}
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
+    """Write a random-init built-in model (config, safetensors, tokenizer) to `out_dir`.
+
+    The weights are a pure function of (name, seed), so two runs with one seed share a base.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftkit.tokenizer import build_byte_tokenizer
+
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        raise ModelError(f"model.name: unknown built-in model {name!r}; known: {known}")
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **BUILTIN_MODELS[key],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def resolve_dtype(name: str, device_type: str) -> Any:
+    """`auto` → bfloat16 on a bf16-capable GPU, float32 elsewhere (CPU matmuls in bf16 are slow)."""
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def _check_remote_code(path: Path, cfg: ModelSection) -> None:
+    config_file = path / "config.json"
+    if cfg.trust_remote_code or not config_file.is_file():
+        return
+    if "auto_map" in json.loads(config_file.read_text()):
+        raise ModelError(
+            f"model.trust_remote_code: {path} ships its own Python code (auto_map in config.json); "
+            "set model.trust_remote_code: true only if you trust its authors"
+        )
+
+
+def _load_kwargs(cfg: ModelSection, device_type: str) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(cfg.dtype, device_type),
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        q = cfg.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=resolve_dtype(q.compute_dtype, device_type),
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        # 4-bit weights are placed at load time; accelerate must not move them afterwards.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device_type == "cuda" else "cpu"}
+    return kwargs
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_tokenizer_only(cfg: ModelSection) -> Any:
+    """The tokenizer of a hub or local model, with a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    local = Path(cfg.name).expanduser()
+    if local.is_dir():
+        _check_remote_code(local, cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name, trust_remote_code=cfg.trust_remote_code, local_files_only=local.is_dir(), revision=cfg.revision
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name: cannot load the tokenizer of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def build_model(
+    cfg: ModelSection, device_type: str, seed: int, base_dir: Path | None = None, tokenizer: Any = None
+) -> tuple[Any, Any, str]:
+    """Load `(model, tokenizer, base_path_or_id)` as the recipe's model section says.
+
+    A built-in model is materialised into `base_dir` (the run's `base/`) so the
+    result can be loaded without ftkit. A local directory never touches the network.
+    A tokenizer already loaded (with its pad token fixed) may be passed in.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    source = cfg.name
+    if is_builtin(source):
+        if base_dir is None:
+            base_dir = Path(tempfile.mkdtemp(prefix="ftkit-base-"))
+        source = str(materialize_builtin(cfg.name, base_dir, seed))
+    local = Path(source).expanduser()
+    is_local = local.is_dir()
+    if is_local:
+        _check_remote_code(local, cfg)
+    elif Path(source).suffix or source.startswith((".", "/", "~")):
+        raise ModelError(f"model.name: {source} is neither a local model directory nor a hub id")
+    kwargs = _load_kwargs(cfg, device_type)
+    if cfg.trust_remote_code:
+        import sys
+
+        print(f"warning: model.trust_remote_code is true: running code shipped with {source}", file=sys.stderr)
+    try:
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=cfg.trust_remote_code, local_files_only=is_local, revision=cfg.revision
+            )
+            ensure_pad_token(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local, **kwargs)
+    except OSError as err:
+        raise ModelError(f"model.name: cannot load {source!r}: {str(err).splitlines()[0]}") from err
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, str(local.resolve()) if is_local else source
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Padding must never be the EOS token: labels at pad positions are masked, and EOS must train.
+
+    Adds a pad token when the tokenizer has none of its own; `build_model` then
+    grows the embeddings to match.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        candidates = [t for t in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>") if t in tokenizer.get_vocab()]
+        if candidates:
+            tokenizer.pad_token = candidates[0]
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as their element count."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        # bitsandbytes packs two 4-bit values per uint8 element
+        if param.dtype.is_floating_point is False and hasattr(param, "quant_state"):
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,197 @@
+"""The training loop: micro-step, accumulate, clip, step, eval, log, checkpoint.
+
+It receives a model, an optimizer, a stream of micro-batches and a state object;
+it never asks which method or model is running. Logging, progress and checkpoint
+writing are callbacks that sit beside the maths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftkit.data import Example, batch_order, collate
+from ftkit.errors import NonFiniteError
+from ftkit.optim import lr_at
+from ftkit.recipe.schema import TrainSection
+
+
+@dataclass
+class TrainState:
+    """Counters that define where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    micro_step: int = 0  # forward/backward passes done
+    tokens_seen: int = 0  # non-pad input tokens processed
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    last_val_loss: float | None = None
+    history: list[dict] = field(default_factory=list)  # eval results, newest last
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to; every member is optional."""
+
+    log: Callable[[dict], None] = lambda record: None
+    checkpoint: Callable[[TrainState], None] = lambda state: None
+    after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
+
+
+def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
+    """Endless stream of micro-batches (lists of example indices) from where `state` stands.
+
+    The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
+    Advances `state.epoch` / `state.batch_in_epoch` as batches are handed out.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    while True:
+        order = batch_order(lengths, batch_size, seed, state.epoch)
+        for position in range(state.batch_in_epoch, len(order)):
+            state.batch_in_epoch = position + 1
+            yield order[position]
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's trained (label != -100) tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1, :]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss (labels shifted by one, as in `token_loss_sum`)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any) -> float:
+    """Token-weighted mean loss over `examples` (sum of token losses / trained tokens)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, tokens = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        total += float(token_loss_sum(model, batch))
+        tokens += target_tokens(batch)
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def train_loop(
+    model: Any,
+    optimizer: Any,
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    cfg: TrainSection,
+    total_steps: int,
+    state: TrainState,
+    accelerator: Any,
+    pad_id: int,
+    hooks: Hooks | None = None,
+) -> TrainState:
+    """Run optimizer steps until `total_steps`, starting from `state`.
+
+    Gradient accumulation normalises by tokens, not micro-batches: for a window of
+    `grad_accum` micro-batches with T trained tokens in all, each micro-batch
+    contributes (sum of its token losses) / T. So `batch_size 8 × grad_accum 1` and
+    `batch_size 1 × grad_accum 8` give the same gradient on variable-length data,
+    which a per-micro-batch mean would not (transformers #37766).
+    """
+    hooks = hooks or Hooks()
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state)
+    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
+    model.train()
+    while state.step < total_steps:
+        started = time.perf_counter()
+        lr = lr_at(state.step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Gather the window first: the loss normaliser is the token count of the whole window.
+        window = [collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
+        window_tokens = sum(target_tokens(b) for b in window)
+        loss_sum, input_tokens = 0.0, 0
+        for batch in window:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = token_loss_sum(model, batch) / max(window_tokens, 1)
+            accelerator.backward(loss)
+            loss_sum += float(loss.detach())
+            input_tokens += int(batch["attention_mask"].sum())
+            state.micro_step += 1
+
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            grad_norm = float(
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            )
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} at step {state.step + 1}; "
+                "no update applied. Lower train.lr, check the data, or use fp32/bf16 instead of fp16"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += input_tokens
+        for hook in hooks.after_step:
+            hook(state.step)
+
+        elapsed = time.perf_counter() - started
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            hooks.log(
+                {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4),
+                    "loss": loss_sum,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": input_tokens,
+                    "target_tokens": window_tokens,
+                    "tokens_per_s": input_tokens / max(elapsed, 1e-9),
+                    "mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                }
+            )
+        is_last = state.step == total_steps
+        if val_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
+            val_loss = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device)
+            state.last_val_loss = val_loss
+            if state.best_val_loss is None or val_loss < state.best_val_loss:
+                state.best_val_loss, state.best_step = val_loss, state.step
+            record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
+            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            state.history.append(record)
+            hooks.log(record)
+        if (cfg.save_every and state.step % cfg.save_every == 0) and not is_last:
+            hooks.checkpoint(state)
+    return state
+
+
+def total_steps_for(cfg: TrainSection, n_examples: int) -> int:
+    """Optimizer steps the recipe asks for: max_steps, or epochs over the data."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    micro = math.ceil(n_examples / cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))

@@ -1,0 +1,210 @@
+"""Render the README's recipe reference from the recipe schema, so the two cannot drift.
+
+    python scripts/gen_recipe_reference.py           rewrite README.md between the markers
+    python scripts/gen_recipe_reference.py --check   exit 1 if README.md is out of date
+
+One table per section (key, type, default, description), taken from the pydantic
+fields of `ftkit.recipe.schema.Recipe`; the `method` section lists the keys every
+method has, then one table per entry of `ftkit.methods.REGISTRY` with its own keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from ftkit.methods import REGISTRY
+from ftkit.recipe.schema import Recipe
+
+START = "<!-- recipe-reference:start -->"
+END = "<!-- recipe-reference:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+_SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+_BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
+
+
+def render_reference() -> str:
+    """The markdown placed between the README markers (ends with a newline)."""
+    parts = [
+        "Generated from `ftkit/recipe/schema.py` by `scripts/gen_recipe_reference.py`; do not edit by hand.",
+        "Unknown keys are errors. `ftkit validate RECIPE` prints a recipe with every default filled in.",
+        "",
+        "### Top level",
+        "",
+        _table([(name, info) for name, info in Recipe.model_fields.items()], link_sections=True),
+    ]
+    for name, info in Recipe.model_fields.items():
+        if name == "method":
+            parts.extend(_method_sections())
+        else:
+            parts.extend(_model_sections(name, info.annotation))
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def _model_sections(path: str, annotation: Any) -> list[str]:
+    """`### path` with the model's table, then its nested models, depth first."""
+    model = _model_in(annotation)
+    if model is None:
+        return []
+    parts = ["", f"### `{path}`", "", _doc(model), "", _table(list(model.model_fields.items()), prefix=path)]
+    for name, info in model.model_fields.items():
+        parts.extend(_model_sections(f"{path}.{name}", info.annotation))
+    return parts
+
+
+def _method_sections() -> list[str]:
+    names = " \\| ".join(f"`{name}`" for name in REGISTRY)
+    parts = [
+        "",
+        "### `method`",
+        "",
+        "How the model is adapted. `method.name` picks the method; each method adds its own keys below.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+        f"| `name` | {names} | **required** | The method; one of the registered methods below. |",
+    ]
+    for name, entry in REGISTRY.items():
+        own = [(key, info) for key, info in entry.config.model_fields.items() if key != "name"]
+        parts += ["", f"#### `method.name: {name}`", "", _doc(entry.config), ""]
+        parts.append(_table(own, prefix="method") if own else "No keys besides `name`.")
+    return parts
+
+
+def _table(fields: list[tuple[str, FieldInfo]], prefix: str = "", link_sections: bool = False) -> str:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, info in fields:
+        path = f"{prefix}.{name}" if prefix else name
+        type_text = _type_text(info.annotation, info.metadata)
+        if link_sections and (_model_in(info.annotation) is not None or info.discriminator):
+            type_text = f"section (see `{path}`)"
+        elif _model_in(info.annotation) is not None:
+            type_text = f"mapping (see `{path}`)" + (" \\| null" if _is_optional(info.annotation) else "")
+        rows.append(f"| `{name}` | {type_text} | {_default_text(info)} | {_escape(info.description or '')} |")
+    return "\n".join(rows)
+
+
+def _type_text(annotation: Any, metadata: list[Any] = ()) -> str:
+    """YAML-flavoured type: `integer >= 1`, `number in [0, 1)`, `list of string | null` (escaped)."""
+    bounds = {
+        sign: _yaml_scalar(getattr(m, attr)) for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)
+    }
+    members = [a for a in get_args(annotation) if a is not type(None)] if _is_optional(annotation) else [annotation]
+    text = " | ".join(_plain_type(a) for a in members) + _bounds_text(bounds)
+    return _escape(text + (" | null" if _is_optional(annotation) else ""))
+
+
+def _bounds_text(bounds: dict[str, str]) -> str:
+    """{'>=': '0', '<': '1'} -> ' in [0, 1)'; {'>=': '1'} -> ' >= 1'."""
+    lower = next(((sign, v) for sign, v in bounds.items() if sign.startswith(">")), None)
+    upper = next(((sign, v) for sign, v in bounds.items() if sign.startswith("<")), None)
+    if lower and upper:
+        return f" in {'[' if lower[0] == '>=' else '('}{lower[1]}, {upper[1]}{']' if upper[0] == '<=' else ')'}"
+    return "".join(f" {bound[0]} {bound[1]}" for bound in (lower, upper) if bound)
+
+
+def _plain_type(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _plain_type(args[0])
+    if origin is Literal:
+        return " | ".join(f"`{_yaml_scalar(a)}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_plain_type(a) for a in args)
+    if origin is list:
+        return f"list of {_plain_type(args[0])}"
+    if origin is tuple:
+        return "[" + ", ".join(_plain_type(a) for a in args) + "]"
+    if _model_in(annotation) is not None:
+        return "mapping"
+    return _SCALARS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _default_text(info: FieldInfo) -> str:
+    if info.default is PydanticUndefined and info.default_factory is None:
+        return "**required**"
+    value = info.default_factory() if info.default_factory is not None else info.default
+    if isinstance(value, BaseModel):
+        return "(defaults below)"
+    return f"`{_yaml_scalar(value)}`"
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    return str(value)
+
+
+def _doc(model: type[BaseModel]) -> str:
+    return _escape((model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else "")
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [m for m in map(_model_in, get_args(annotation)) if m is not None] if get_origin(annotation) else []
+    return models[0] if len(models) == 1 else None
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in get_args(annotation)
+
+
+def _escape(text: str) -> str:
+    """Table cells: a bare `|` would split the cell, and `<name>` would vanish as an HTML tag."""
+    return text.replace("\\|", "|").replace("|", "\\|").replace("<", "&lt;")
+
+
+def update_readme_text(readme: str, reference: str) -> str:
+    """`readme` with the text between the markers replaced by `reference`."""
+    start, end = readme.find(START), readme.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no {START} ... {END} markers")
+    return readme[: start + len(START)] + "\n" + reference + readme[end:]
+
+
+def is_readme_current(readme_path: Path = README) -> bool:
+    """True when the reference in `readme_path` is what `render_reference()` gives now."""
+    text = readme_path.read_text(encoding="utf-8")
+    return update_readme_text(text, render_reference()) == text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
+    parser.add_argument("--readme", type=Path, default=README, help="the README to update (default: the repo's)")
+    args = parser.parse_args(argv)
+    if args.check:
+        if is_readme_current(args.readme):
+            return 0
+        print(
+            f"{args.readme}: recipe reference is out of date; run python scripts/gen_recipe_reference.py",
+            file=sys.stderr,
+        )
+        return 1
+    text = args.readme.read_text(encoding="utf-8")
+    args.readme.write_text(update_readme_text(text, render_reference()), encoding="utf-8")
+    print(f"wrote the recipe reference into {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
