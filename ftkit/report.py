@@ -130,7 +130,7 @@ def diagnose(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> Di
         train rising and val rising                                          → diverging
         train falling, val falling (or no val)                               → still learning
         val rising (train falling or flat)                                   → overfitting
-        train falling, val flat                                              → overfitting
+        train falling, val flat and past its best                            → overfitting
         train flat, val falling                                              → suspect data split
         train flat, val flat (or no val)                                     → plateau
     A small train rise (≤ DIVERGE_REL_RISE) without val rising counts as flat.
@@ -172,7 +172,9 @@ def diagnose(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> Di
         train_trend = "flat"  # a small rise with val not rising is noise around a plateau
 
     best_step = figures.get("best_step")
-    if val_trend == "rising" or (train_trend == "falling" and val_trend == "flat"):
+    # val flat but still at its best on the last eval means slow improvement, not overfitting yet
+    is_val_at_best = bool(val) and best_step == val[-1][0]
+    if val_trend == "rising" or (train_trend == "falling" and val_trend == "flat" and not is_val_at_best):
         return Diagnosis(
             OVERFITTING,
             f"Validation loss was best at step {best_step} and is {figures['val_change_since_best']:+.1%} "

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ftkit.data import Example, batch_order, collate
+from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
+from ftkit.train.objective import SFT
 
 
 @dataclass
@@ -65,35 +65,28 @@ def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state
         state.batch_in_epoch = 0
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's trained (label != -100) tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1, :]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-
-
-def target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a loss (labels shifted by one, as in `token_loss_sum`)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 @torch.no_grad()
-def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any) -> float:
-    """Token-weighted mean loss over `examples` (sum of token losses / trained tokens)."""
+def evaluate(
+    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any, objective: Any = None
+) -> dict[str, float]:
+    """Unit-weighted means over `examples`: `loss` (SFT: sum of token losses / trained tokens)
+    and the objective's metrics."""
+    objective = objective or SFT()
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    total, tokens = 0.0, 0
+    total, units, metric_sums = 0.0, 0, {}
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = objective.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(token_loss_sum(model, batch))
-        tokens += target_tokens(batch)
+        loss, metrics = objective.loss_sum(model, batch)
+        total += float(loss)
+        units += objective.units(batch)
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
     model.train(was_training)
-    return total / max(tokens, 1)
+    n = max(units, 1)
+    return {"loss": total / n} | {key: value / n for key, value in metric_sums.items()}
 
 
 def train_loop(
@@ -107,6 +100,7 @@ def train_loop(
     accelerator: Any,
     pad_id: int,
     hooks: Hooks | None = None,
+    objective: Any = None,
 ) -> TrainState:
     """Run optimizer steps until `total_steps`, starting from `state`.
 
@@ -117,6 +111,7 @@ def train_loop(
     which a per-micro-batch mean would not (transformers #37766).
     """
     hooks = hooks or Hooks()
+    objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state)
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
@@ -127,16 +122,19 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # Gather the window first: the loss normaliser is the token count of the whole window.
-        window = [collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
-        window_tokens = sum(target_tokens(b) for b in window)
-        loss_sum, input_tokens = 0.0, 0
+        # Gather the window first: the loss normaliser is the unit count of the whole window.
+        window = [objective.collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
+        window_units = max(sum(objective.units(b) for b in window), 1)
+        loss_sum, input_tokens, metric_sums = 0.0, 0, {}
         for batch in window:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = token_loss_sum(model, batch) / max(window_tokens, 1)
+                loss, metrics = objective.loss_sum(model, batch)
+                loss = loss / window_units
             accelerator.backward(loss)
             loss_sum += float(loss.detach())
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
             input_tokens += int(batch["attention_mask"].sum())
             state.micro_step += 1
 
@@ -169,19 +167,22 @@ def train_loop(
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens": input_tokens,
-                    "target_tokens": window_tokens,
+                    "units": window_units,
                     "tokens_per_s": input_tokens / max(elapsed, 1e-9),
                     "mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 }
+                | metric_sums
             )
         is_last = state.step == total_steps
         if val_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
-            val_loss = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device)
+            val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective)
+            val_loss = val["loss"]
             state.last_val_loss = val_loss
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = val_loss, state.step
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
             record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record |= {f"val_{key}": value for key, value in val.items() if key != "loss"}
             state.history.append(record)
             hooks.log(record)
         if (cfg.save_every and state.step % cfg.save_every == 0) and not is_last:

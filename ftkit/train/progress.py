@@ -10,18 +10,20 @@ class Progress:
 
     def __init__(self, total_steps: int, start_step: int = 0):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
+        console = Console(stderr=True)
+        # a log file or CI is not a terminal: give the line room instead of rich's 80 columns
+        if not console.is_terminal:
+            console.width = 160
         self._bar = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
             MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            BarColumn(bar_width=20),
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
+            console=console,
             transient=False,
         )
         self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")

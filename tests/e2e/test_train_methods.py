@@ -87,7 +87,7 @@ def test_final_loads_and_matches_training(trained):
     recipe = load_recipe(recipe_path)
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(run_dir / "final")
     splits = load_splits(recipe.data, tokenizer, recipe.train.seed)
-    val_loss = evaluate(model, splits.val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"))
+    val_loss = evaluate(model, splits.val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"))["loss"]
     _, val = read_metrics(run_dir)
     assert val_loss == pytest.approx(val[-1]["val_loss"], abs=1e-5)
     if name in ("lora", "qlora"):

@@ -1,0 +1,45 @@
+"""Training objectives: how a batch becomes a loss. The loop knows only this interface.
+
+An objective provides
+    collate(examples, pad_id) -> batch            tensors for one micro-batch
+    units(batch) -> int                           how many loss units the batch holds
+    loss_sum(model, batch) -> (loss, metrics)     loss summed over those units (a tensor),
+                                                  plus metric sums over the same units
+The loop divides by the units of the whole accumulation window, so every unit weighs
+the same however the window is cut into micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftkit.data import Example, collate
+
+
+class SFT:
+    """Supervised fine-tuning: next-token cross-entropy on trained tokens.
+
+    loss = Σ_{t trained} −log p(x_t | x_<t)  /  (number of trained tokens in the window)
+    """
+
+    name = "sft"
+
+    def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(examples, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens that carry a loss (labels shifted by one, as in `loss_sum`)."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1, :]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return loss, {}
