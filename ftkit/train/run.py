@@ -142,7 +142,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
         if base is not None and recipe.method.is_adapter:
             _point_adapter_to(run_dir / "final", base)
         if cfg.samples and splits.val:
-            _write_samples(unwrapped, tokenizer, recipe, run_dir, accelerator.device)
+            _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, accelerator.device)
     except NonFiniteError as err:
         status = f"stopped: {err}"
         raise
@@ -211,14 +211,14 @@ def _point_adapter_to(adapter_dir: Path, base: str) -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, run_dir: Path, device: Any) -> None:
-    """Greedy completions for the first `train.samples` validation rows, for report.md."""
+def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, val: list, run_dir: Path, device: Any) -> None:
+    """Greedy completions for the first `train.samples` validation examples, for report.md."""
     import torch
 
     from ftkit.data import read_rows, render_prompt
 
-    source = recipe.data.val or recipe.data.train
-    rows = [row for row, _ in read_rows(source)][: recipe.train.samples]
+    by_source = {source: row for row, source in read_rows(recipe.data.val or recipe.data.train)}
+    rows = [by_source[example.source] for example in val[: recipe.train.samples]]
     model.eval()
     with (run_dir / "samples.jsonl").open("w") as out, torch.no_grad():
         for row in rows:
