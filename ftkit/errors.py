@@ -45,3 +45,9 @@ class NonFiniteError(FtkitError):
     """Loss or gradient norm became NaN/inf; no update was applied."""
 
     exit_code = 3
+
+
+class VerificationError(FtkitError):
+    """A result failed its own check (a merge whose logits differ from base + adapter); nothing was written."""
+
+    exit_code = 1
