@@ -100,7 +100,7 @@ def test_bad_inputs_are_one_line_errors(trained_runs, tmp_path):
         ((str(trained_runs["lora"] / "base"),), "no validation set"),  # a model dir: needs --data
     ):
         code, out, err = run_cli("eval", *args)
-        assert code != 0 and out == "", err
+        assert code == 2 and out == "", err
         assert expected in err and len(err.strip().splitlines()) == 1, err
 
 
