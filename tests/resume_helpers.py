@@ -7,6 +7,7 @@ bit for bit: CPU, fp32, dropout > 0 so that the RNG state matters.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -126,3 +127,13 @@ def recorded_batches() -> Iterator[list[list[str]]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SFT, "collate", recording)
         yield seen
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every path and file content under `root`: equal digests = an untouched tree."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

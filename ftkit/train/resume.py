@@ -28,7 +28,7 @@ from typing import Any
 
 from ftkit.errors import RunDirError
 from ftkit.recipe.schema import DataSection, Recipe
-from ftkit.train.checkpoint import complete_checkpoints, is_complete, load_optimizer_state, load_weights
+from ftkit.train.checkpoint import complete_checkpoints, ensure_inside, is_complete, load_optimizer_state, load_weights
 from ftkit.train.loop import TrainState
 
 #: keys that change how often ftkit evaluates, saves, logs or reports, or what it does after a
@@ -58,6 +58,7 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
     """
     if not (run_dir / "recipe.yaml").is_file():
         raise RunDirError(f"--resume: {run_dir} holds no ftkit run (no recipe.yaml); check output_dir or --output-dir")
+    ensure_inside(run_dir, run_dir / "checkpoints")
     if path is None:
         found = complete_checkpoints(run_dir)
         if not found:

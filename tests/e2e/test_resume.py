@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.resume_helpers import assert_same_run, recorded_batches, sections, train, trajectory
+from tests.resume_helpers import assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
 
 VARIANTS = {
     "lora": sections(),
@@ -169,12 +169,12 @@ def test_resume_guard_refuses_trajectory_changes_and_allows_cadence(tmp_path, ti
     """R15: a changed method.r or seed is refused, naming each key; eval/save cadence may change."""
     code, _, run_dir = train(tmp_path, tiny_data, "lora", fault="sigterm@step:4", **VARIANTS["lora"])
     assert code == 143
-    before = _tree_digest(run_dir)
+    before = tree_digest(run_dir)
     code, err, _ = train(tmp_path, tiny_data, "lora", "--resume", "--set", "method.r=8", "--set", "train.seed=7")
     assert code == 2
     assert err.count("\n") == 1, err  # one line
     assert "method.r (4 → 8)" in err and "train.seed (42 → 7)" in err
-    assert _tree_digest(run_dir) == before, "a refused resume must not touch the run"
+    assert tree_digest(run_dir) == before, "a refused resume must not touch the run"
 
     code, err, _ = train(tmp_path, tiny_data, "lora", "--resume", "--set", "train.eval_every=2")
     assert code == 0, err
@@ -217,12 +217,3 @@ def test_damaged_or_finished_runs_are_not_resumed(tmp_path, tiny_data):
     assert code == 0, err
     code, err, _ = train(tmp_path, tiny_data, "lora", "--resume")
     assert code == 2 and "has finished" in err
-
-
-def _tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
