@@ -41,6 +41,14 @@ SetOption = Annotated[
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="With --resume: the checkpoint to continue from (RUN/checkpoints/step-N); "
+            "default: the newest complete one.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOption = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", help="Run directory (overrides output_dir).")
@@ -49,19 +57,28 @@ def train(
         bool, typer.Option("--overwrite", help="Replace an existing non-empty run directory.")
     ] = False,
     resume: Annotated[
-        str | None,
-        typer.Option("--resume", help="Continue from the newest complete checkpoint, or from the one given."),
-    ] = None,
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in output_dir from its newest complete checkpoint, or from CHECKPOINT.",
+        ),
+    ] = False,
 ) -> None:
-    """Train a model as the recipe says; write the run directory."""
+    """Train a model as the recipe says; write the run directory.
+
+    Ctrl-C (SIGINT) or SIGTERM finishes the step, saves a checkpoint and exits 130 / 143; --resume continues exactly.
+    """
+    from ftkit.errors import RunDirError
     from ftkit.recipe import load_recipe
 
+    if checkpoint is not None and not resume:
+        raise RunDirError(f"{checkpoint}: a checkpoint is only read with --resume: ftkit train RECIPE --resume PATH")
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     from ftkit.train.run import run_training
 
-    run_training(resolved, overwrite=overwrite, resume=resume)
+    run_training(resolved, overwrite=overwrite, resume=checkpoint if checkpoint is not None else resume)
 
 
 @app.command()
@@ -94,7 +111,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(err)
-        sys.stderr.write(("error: " + message if "\n" not in message else message) + "\n")
+        sys.stderr.write((f"{err.label}: {message}" if "\n" not in message else message) + "\n")
         sys.exit(err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
