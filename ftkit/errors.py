@@ -62,3 +62,9 @@ class Interrupted(FtkitError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class VerificationError(FtkitError):
+    """A result failed its own check (a merge whose logits differ from base + adapter); nothing was written."""
+
+    exit_code = 1
