@@ -70,13 +70,16 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     from accelerate.utils import set_seed
 
     from ftkit.data import load_splits
+    from ftkit.data.packing import pack_examples
+    from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import get_method
-    from ftkit.models import build_model, count_parameters
+    from ftkit.models import build_model, compile_layers, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe
     from ftkit.report import write_report
     from ftkit.train.checkpoint import rotate, save_checkpoint, save_weights
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
+    from ftkit.train.objective import SFT
     from ftkit.train.progress import Progress
 
     run_dir = Path(recipe.output_dir)
@@ -89,7 +92,12 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     # Inputs first: a data error must not leave a run directory behind.
     tokenizer = load_tokenizer(recipe)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
-    total_steps = total_steps_for(cfg, len(splits.train))
+    train_examples = splits.train
+    if recipe.data.packing:
+        train_examples, _ = pack_examples(splits.train, recipe.data.max_length, cfg.seed)
+    total_steps = total_steps_for(cfg, len(train_examples))
+    check_kernels(recipe.perf.kernels, device_type)
+    _warn_if_plan_exceeds_device(recipe, device_type)
 
     prepare_run_dir(run_dir, overwrite)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -99,11 +107,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     method = get_method(recipe.method.name)
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method)
+    if recipe.model.torch_compile:
+        compile_layers(model)
     trainable, total = count_parameters(model)
     log = _stderr_logger()
     log(
         f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
-        f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
+        f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
+        f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
         f"{total_steps} steps · {accelerator.device}"
     )
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -127,7 +138,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
             train_loop(
                 model,
                 optimizer,
-                splits.train,
+                train_examples,
                 splits.val,
                 cfg,
                 total_steps,
@@ -135,6 +146,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
                 accelerator,
                 tokenizer.pad_token_id,
                 hooks,
+                objective=SFT(CausalLMLoss.from_recipe(recipe)),
             )
         unwrapped = accelerator.unwrap_model(model)
         _assert_finite(unwrapped)
@@ -149,33 +161,90 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     finally:
         metrics.close()
         wall_s = time.perf_counter() - started
-        facts = {
-            "status": status,
-            "model": recipe.model.name,
-            "method": recipe.method.name,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_pct": 100 * trainable / max(total, 1),
-            "train_examples": len(splits.train),
-            "val_examples": len(splits.val),
-            "truncated": {"train": splits.stats.get("truncated_train", 0), "val": splits.stats.get("truncated_val", 0)},
-            "train_target_tokens": splits.stats.get("train_target_tokens"),
-            "tokens_seen": state.tokens_seen,
-            "steps": state.step,
-            "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(splits.train) // cfg.batch_size)),
-            "wall_s": wall_s,
-            "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
-            "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "device": _device_name(accelerator.device),
-            "optimizer": cfg.optimizer,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
-        }
+        facts = (
+            {
+                "status": status,
+                "model": recipe.model.name,
+                "method": recipe.method.name,
+                "trainable_params": trainable,
+                "total_params": total,
+                "trainable_pct": 100 * trainable / max(total, 1),
+                "train_examples": len(splits.train),
+                "val_examples": len(splits.val),
+                "truncated": {
+                    "train": splits.stats.get("truncated_train", 0),
+                    "val": splits.stats.get("truncated_val", 0),
+                },
+                "train_target_tokens": splits.stats.get("train_target_tokens"),
+                "tokens_seen": state.tokens_seen,
+                "steps": state.step,
+                "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(train_examples) // cfg.batch_size)),
+                "wall_s": wall_s,
+                "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
+                "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            }
+            | speed_facts(recipe, train_examples, state, accelerator.device)
+            | {
+                "device": _device_name(accelerator.device),
+                "optimizer": cfg.optimizer,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+            }
+        )
         summary = write_report(run_dir, facts)
     loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
     log(f"done in {wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {run_dir}")
     return summary
+
+
+def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -> dict:
+    """summary.json's speed facts: step-time tokens/s, peak memory (CPU: RSS), MFU on a known GPU,
+    and how much of each micro-batch is real tokens (packing efficiency)."""
+    import resource
+
+    from ftkit.data import batch_order
+    from ftkit.data.packing import padding_efficiency
+    from ftkit.plan import mfu
+
+    cfg = recipe.train
+    lengths = [len(ex.input_ids) for ex in train_examples]
+    batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
+    train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
+    return {
+        "train_tokens_per_s": train_tokens_per_s,
+        "train_s": state.train_s,
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory, weights included
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "mfu": mfu(recipe, train_tokens_per_s, device) if train_tokens_per_s else None,
+        "packing": {
+            "enabled": recipe.data.packing,
+            "rows": len(train_examples),
+            "efficiency": padding_efficiency(lengths, batches),  # real tokens / row tokens, epoch 0
+        },
+    }
+
+
+def _warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
+    """Before any weight is loaded: warn when `ftkit plan` expects more memory than the GPU has."""
+    if device_type != "cuda":
+        return
+    import torch
+
+    from ftkit.plan import estimate
+
+    try:
+        plan = estimate(recipe)
+    except FtkitError as err:  # a plan is advice; a model it cannot read must not stop training
+        print(f"note: no memory plan ({err})", file=sys.stderr)
+        return
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if plan.peak_bytes > capacity:
+        print(
+            f"warning: ftkit plan expects {plan.peak_bytes / 2**30:.1f} GiB at peak; this GPU has "
+            f"{capacity / 2**30:.1f} GiB. {plan.advice()}",
+            file=sys.stderr,
+        )
 
 
 def _mixed_precision(name: str) -> str:
