@@ -120,12 +120,14 @@ def model_inputs(batch: dict[str, torch.Tensor], flatten_packed: bool = False) -
     one row, so with `flatten_packed` the rows are laid end to end as one; every row starts
     with a sequence start, so this joins nothing.
     """
+    # use_cache=False always: a loss needs no KV cache (it would only hold memory), and with a
+    # cache transformers stops looking for packed sequences and would attend across them
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     if flatten_packed:
         input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
-    return {"input_ids": input_ids, "position_ids": position_ids}
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
 
 
 @dataclass
@@ -263,7 +265,7 @@ def _probe(model: Any, inputs: dict[str, torch.Tensor]) -> str | None:
     passes draw the same dropout masks from one seed, inside a forked RNG, so the probe
     leaves the random state of the run untouched (resumed runs replay exactly).
     """
-    probe = {key: value[:1, :16] for key, value in inputs.items()}
+    probe = {key: value[:1, :16] if torch.is_tensor(value) else value for key, value in inputs.items()}
     device = probe["input_ids"].device
     devices = [device] if device.type == "cuda" else []
     try:

@@ -264,6 +264,24 @@ def flops_per_token(counts: dict, shape: dict, recipe: Recipe, length: int) -> t
     return float(model), float(executed)
 
 
+def memory_warning(recipe: Recipe, capacity_bytes: int, gpu: str | None = None) -> str | None:
+    """The warning `ftkit train` prints before loading weights, or None when the plan fits.
+
+    Fits means: planned peak + ~1 GiB (CUDA context, fragmentation) <= the device's memory.
+    A model whose config cannot be read gives a note instead: a plan is advice, never a gate.
+    """
+    try:
+        plan = estimate(recipe, gpu)
+    except FtkitError as err:
+        return f"note: no memory plan ({err})"
+    if plan.peak_bytes + DEVICE_RESERVE_BYTES <= capacity_bytes:
+        return None
+    return (
+        f"warning: ftkit plan expects {plan.peak_bytes / GIB:.1f} GiB at peak (+~1 GiB CUDA context); "
+        f"this GPU has {capacity_bytes / GIB:.1f} GiB. {plan.advice()}"
+    )
+
+
 def mfu(recipe: Recipe, tokens_per_s: float, device: Any) -> float | None:
     """Model FLOPs utilisation of a finished run on a known CUDA GPU (None elsewhere or if unknown)."""
     try:

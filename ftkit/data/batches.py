@@ -19,7 +19,7 @@ def batch_order(
     1. permute all indices with random.Random seeded from (seed, epoch);
     2. cut the permutation into windows of 64 * batch_size and sort each window by length,
        longest first, so a batch holds similar lengths and little padding (with
-       `group_by_length` false, windows are one batch: the plain shuffled order);
+       `group_by_length` false, nothing is sorted: the plain shuffled order);
     3. cut each window into batches of batch_size (the last batch of the epoch may be smaller;
        it is kept) and shuffle the order of all batches with the same generator.
     Every index appears exactly once. Resuming mid-epoch = recompute and skip the batches done.
@@ -30,7 +30,9 @@ def batch_order(
     window = (MEGA_BATCHES if group_by_length else 1) * batch_size
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        chunk = order[start : start + window]
+        if group_by_length:
+            chunk = sorted(chunk, key=lambda i: lengths[i], reverse=True)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches

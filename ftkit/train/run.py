@@ -231,20 +231,12 @@ def _warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
         return
     import torch
 
-    from ftkit.plan import estimate
+    from ftkit.plan import memory_warning
 
-    try:
-        plan = estimate(recipe)
-    except FtkitError as err:  # a plan is advice; a model it cannot read must not stop training
-        print(f"note: no memory plan ({err})", file=sys.stderr)
-        return
     capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    if plan.peak_bytes > capacity:
-        print(
-            f"warning: ftkit plan expects {plan.peak_bytes / 2**30:.1f} GiB at peak; this GPU has "
-            f"{capacity / 2**30:.1f} GiB. {plan.advice()}",
-            file=sys.stderr,
-        )
+    warning = memory_warning(recipe, capacity)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _mixed_precision(name: str) -> str:
