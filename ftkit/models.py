@@ -173,7 +173,7 @@ def build_model(
         _check_remote_code(local, cfg)
     elif Path(source).suffix or source.startswith((".", "/", "~")):
         raise ModelError(f"model.name: {source} is neither a local model directory nor a hub id")
-    _check_attention(cfg, device_type)
+    check_attention(cfg, device_type)
     kwargs = _load_kwargs(cfg, device_type)
     if cfg.trust_remote_code:
         import sys
@@ -198,7 +198,8 @@ def build_model(
     return model, tokenizer, str(local.resolve()) if is_local else source
 
 
-def _check_attention(cfg: ModelSection, device_type: str) -> None:
+def check_attention(cfg: ModelSection, device_type: str) -> None:
+    """ModelError naming model.attn_implementation when its kernel cannot run here."""
     if cfg.attn_implementation != "flash_attention_2":
         return
     from transformers.utils import is_flash_attn_2_available

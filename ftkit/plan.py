@@ -44,6 +44,12 @@ from ftkit.recipe.schema import Recipe
 GIB = 2**30
 
 
+class PlanError(FtkitError):
+    """A plan option that cannot be honoured (an unknown --gpu)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class Gpu:
     name: str
@@ -331,10 +337,10 @@ def _meta_model(config: Any, recipe: Recipe) -> Any:
 
     from ftkit.methods import get_method
 
-    with torch.device("meta"):
+    # the method decides what trains; inside the meta context peft builds (and "initialises")
+    # its adapters without memory or compute too
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    # the method decides what trains; peft builds its adapters on the meta device too
-    with contextlib.redirect_stdout(io.StringIO()):
         return get_method(recipe.method.name).apply(model, recipe.method)
 
 
@@ -434,7 +440,7 @@ def _gpu(name: str | None) -> Gpu:
         return _detect_gpu() or GPUS[DEFAULT_GPU]
     key = name.lower()
     if key not in GPUS:
-        raise FtkitError(f"--gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
+        raise PlanError(f"--gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
     return GPUS[key]
 
 

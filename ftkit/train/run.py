@@ -73,7 +73,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     from ftkit.data.packing import pack_examples
     from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import get_method
-    from ftkit.models import build_model, compile_layers, count_parameters
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe
     from ftkit.report import write_report
@@ -97,6 +97,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
         train_examples, _ = pack_examples(splits.train, recipe.data.max_length, cfg.seed)
     total_steps = total_steps_for(cfg, len(train_examples))
     check_kernels(recipe.perf.kernels, device_type)
+    check_attention(recipe.model, device_type)
     _warn_if_plan_exceeds_device(recipe, device_type)
 
     prepare_run_dir(run_dir, overwrite)
