@@ -93,6 +93,39 @@ def validate(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="h100-80gb, h200, a100-80gb, a100-40gb, l40s, a6000, l4, 4090, 3090, a10, t4."),
+    ] = None,
+    utilisation: Annotated[
+        float, typer.Option("--utilisation", min=0.01, max=1.0, help="Assumed fraction of peak FLOP/s.")
+    ] = 0.4,
+    json_: Annotated[bool, typer.Option("--json", help="Also print the plan as JSON on stdout.")] = False,
+) -> None:
+    """Estimate peak GPU memory and speed of a recipe from the model's config (no weights loaded)."""
+    from ftkit.plan import estimate, render_table, to_json
+    from ftkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    result = estimate(resolved, gpu, utilisation, n_examples=_count_examples(resolved))
+    sys.stderr.write(render_table(result))
+    if json_:
+        sys.stdout.write(to_json(result))
+
+
+def _count_examples(recipe) -> int | None:
+    """Training rows in data.train (for the wall-time estimate), or None when unknown."""
+    from ftkit.data import read_rows
+
+    if recipe.train.max_steps is not None or recipe.data.packing or not Path(recipe.data.train).is_file():
+        return None
+    return min(len(read_rows(recipe.data.train)), recipe.data.max_samples or 1 << 62)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """(Re)write summary.json, loss.png and report.md of a run from its metrics."""
     from ftkit.report import write_report

@@ -32,6 +32,7 @@ class TrainState:
     micro_step: int = 0  # forward/backward passes done
     tokens_seen: int = 0  # non-pad input tokens processed
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (on_nonfinite: skip)
+    train_s: float = 0.0  # seconds inside optimizer steps (no eval, no checkpoint writing)
     best_val_loss: float | None = None
     best_step: int | None = None
     last_val_loss: float | None = None
@@ -51,7 +52,9 @@ class Hooks:
     should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
+def micro_batches(
+    examples: Sequence[Example], batch_size: int, seed: int, state: TrainState, group_by_length: bool = True
+) -> Iterator[list[int]]:
     """Endless stream of micro-batches (lists of example indices) from where `state` stands.
 
     The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
@@ -59,7 +62,7 @@ def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state
     """
     lengths = [len(e.input_ids) for e in examples]
     while True:
-        order = batch_order(lengths, batch_size, seed, state.epoch)
+        order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
         for position in range(state.batch_in_epoch, len(order)):
             state.batch_in_epoch = position + 1
             yield order[position]
@@ -121,7 +124,7 @@ def train_loop(
     hooks = hooks or Hooks()
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
-    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state)
+    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state, cfg.group_by_length)
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
     model.train()
     while state.step < total_steps:
@@ -175,6 +178,7 @@ def train_loop(
                 hook(state.step)
 
         elapsed = time.perf_counter() - started
+        state.train_s += elapsed
         if not is_finite:  # an event, logged whatever log_every says; no "loss" key keeps it off the curves
             hooks.log(
                 {

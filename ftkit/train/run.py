@@ -145,8 +145,10 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     from accelerate.utils import set_seed
 
     from ftkit.data import load_splits
+    from ftkit.data.packing import pack_examples
+    from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import get_method
-    from ftkit.models import build_model, count_parameters
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
@@ -165,6 +167,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     )
     from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
+    from ftkit.train.objective import SFT
     from ftkit.train.progress import Progress
     from ftkit.train.signals import StopSignals, exit_code
 
@@ -180,7 +183,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     tokenizer = load_tokenizer(recipe)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
     data_sha256 = resuming.data_hashes(recipe.data)
-    total_steps = total_steps_for(cfg, len(splits.train))
+    train_examples = splits.train
+    if recipe.data.packing:
+        train_examples, _ = pack_examples(splits.train, recipe.data.max_length, cfg.seed)
+    total_steps = total_steps_for(cfg, len(train_examples))
+    check_kernels(recipe.perf.kernels, device_type)
+    check_attention(recipe.model, device_type)
+    _warn_if_plan_exceeds_device(recipe, device_type)
 
     with RunLock(run_dir) as lock:
         resume_from, saved, created = None, {}, False
@@ -210,10 +219,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         method = get_method(recipe.method.name)
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
         model = method.apply(model, recipe.method)
+        if recipe.model.torch_compile:
+            compile_layers(model)
         trainable, total = count_parameters(model)
         log(
             f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
-            f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
+            f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
+            f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
             f"{total_steps} steps · {accelerator.device}"
         )
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -275,7 +287,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                         train_loop(
                             model,
                             optimizer,
-                            splits.train,
+                            train_examples,
                             splits.val,
                             cfg,
                             total_steps,
@@ -283,6 +295,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             accelerator,
                             tokenizer.pad_token_id,
                             hooks,
+                            objective=SFT(CausalLMLoss.from_recipe(recipe)),
                         )
                     if state.step < total_steps:  # a signal stopped the loop at a step boundary
                         if last_saved["step"] != state.step:
@@ -323,34 +336,39 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         finally:
             metrics.close()
             wall_s = wall_before + time.perf_counter() - started
-            facts = {
-                "status": status,
-                "model": recipe.model.name,
-                "method": recipe.method.name,
-                "trainable_params": trainable,
-                "total_params": total,
-                "trainable_pct": 100 * trainable / max(total, 1),
-                "train_examples": len(splits.train),
-                "val_examples": len(splits.val),
-                "truncated": {
-                    "train": splits.stats.get("truncated_train", 0),
-                    "val": splits.stats.get("truncated_val", 0),
-                },
-                "train_target_tokens": splits.stats.get("train_target_tokens"),
-                "tokens_seen": state.tokens_seen,
-                "steps": state.step,
-                "skipped_steps": state.skipped_steps,
-                "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(splits.train) // cfg.batch_size)),
-                "wall_s": wall_s,
-                "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
-                "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                "device": _device_name(accelerator.device),
-                "optimizer": cfg.optimizer,
-                "lr": cfg.lr,
-                "batch_size": cfg.batch_size,
-                "grad_accum": cfg.grad_accum,
-                "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
-            }
+            facts = (
+                {
+                    "status": status,
+                    "model": recipe.model.name,
+                    "method": recipe.method.name,
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "trainable_pct": 100 * trainable / max(total, 1),
+                    "train_examples": len(splits.train),
+                    "val_examples": len(splits.val),
+                    "truncated": {
+                        "train": splits.stats.get("truncated_train", 0),
+                        "val": splits.stats.get("truncated_val", 0),
+                    },
+                    "train_target_tokens": splits.stats.get("train_target_tokens"),
+                    "tokens_seen": state.tokens_seen,
+                    "steps": state.step,
+                    "skipped_steps": state.skipped_steps,
+                    "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(train_examples) // cfg.batch_size)),
+                    "wall_s": wall_s,
+                    "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
+                    "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                }
+                | speed_facts(recipe, train_examples, state, accelerator.device)
+                | {
+                    "device": _device_name(accelerator.device),
+                    "optimizer": cfg.optimizer,
+                    "lr": cfg.lr,
+                    "batch_size": cfg.batch_size,
+                    "grad_accum": cfg.grad_accum,
+                    "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
+                }
+            )
             try:
                 summary = write_report(run_dir, facts)
             except OSError as err:  # e.g. the disk filled up: never hide the failure that brought us here
@@ -411,6 +429,47 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
         f"train.batch_size={max(1, cfg.batch_size // 2)} with train.grad_accum={cfg.grad_accum * 2} "
         "(same examples per step), model.gradient_checkpointing: true, or method.name: qlora (4-bit base)"
     )
+
+
+def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -> dict:
+    """summary.json's speed facts: step-time tokens/s, peak memory (CPU: RSS), MFU on a known GPU,
+    and how much of each micro-batch is real tokens (packing efficiency)."""
+    import resource
+
+    from ftkit.data import batch_order
+    from ftkit.data.packing import padding_efficiency
+    from ftkit.plan import mfu
+
+    cfg = recipe.train
+    lengths = [len(ex.input_ids) for ex in train_examples]
+    batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
+    train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
+    return {
+        "train_tokens_per_s": train_tokens_per_s,
+        "train_s": state.train_s,
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory, weights included
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "mfu": mfu(recipe, train_tokens_per_s, device) if train_tokens_per_s else None,
+        "packing": {
+            "enabled": recipe.data.packing,
+            "rows": len(train_examples),
+            "efficiency": padding_efficiency(lengths, batches),  # real tokens / row tokens, epoch 0
+        },
+    }
+
+
+def _warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
+    """Before any weight is loaded: warn when `ftkit plan` expects more memory than the GPU has."""
+    if device_type != "cuda":
+        return
+    import torch
+
+    from ftkit.plan import memory_warning
+
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    warning = memory_warning(recipe, capacity)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _mixed_precision(name: str) -> str:
