@@ -41,6 +41,14 @@ SetOption = Annotated[
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="With --resume: the checkpoint to continue from (RUN/checkpoints/step-N); "
+            "default: the newest complete one.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOption = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", help="Run directory (overrides output_dir).")
@@ -49,19 +57,28 @@ def train(
         bool, typer.Option("--overwrite", help="Replace an existing non-empty run directory.")
     ] = False,
     resume: Annotated[
-        str | None,
-        typer.Option("--resume", help="Continue from the newest complete checkpoint, or from the one given."),
-    ] = None,
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in output_dir from its newest complete checkpoint, or from CHECKPOINT.",
+        ),
+    ] = False,
 ) -> None:
-    """Train a model as the recipe says; write the run directory."""
+    """Train a model as the recipe says; write the run directory.
+
+    Ctrl-C (SIGINT) or SIGTERM finishes the step, saves a checkpoint and exits 130 / 143; --resume continues exactly.
+    """
+    from ftkit.errors import RunDirError
     from ftkit.recipe import load_recipe
 
+    if checkpoint is not None and not resume:
+        raise RunDirError(f"{checkpoint}: a checkpoint is only read with --resume: ftkit train RECIPE --resume PATH")
     resolved = load_recipe(recipe, set_ or [])
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
     from ftkit.train.run import run_training
 
-    run_training(resolved, overwrite=overwrite, resume=resume)
+    run_training(resolved, overwrite=overwrite, resume=checkpoint if checkpoint is not None else resume)
 
 
 @app.command()
@@ -73,6 +90,39 @@ def validate(
     from ftkit.recipe import dump_recipe, load_recipe
 
     sys.stdout.write(dump_recipe(load_recipe(recipe, set_ or [])))
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="h100-80gb, h200, a100-80gb, a100-40gb, l40s, a6000, l4, 4090, 3090, a10, t4."),
+    ] = None,
+    utilisation: Annotated[
+        float, typer.Option("--utilisation", min=0.01, max=1.0, help="Assumed fraction of peak FLOP/s.")
+    ] = 0.4,
+    json_: Annotated[bool, typer.Option("--json", help="Also print the plan as JSON on stdout.")] = False,
+) -> None:
+    """Estimate peak GPU memory and speed of a recipe from the model's config (no weights loaded)."""
+    from ftkit.plan import estimate, render_table, to_json
+    from ftkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    result = estimate(resolved, gpu, utilisation, n_examples=_count_examples(resolved))
+    sys.stderr.write(render_table(result))
+    if json_:
+        sys.stdout.write(to_json(result))
+
+
+def _count_examples(recipe) -> int | None:
+    """Training rows in data.train (for the wall-time estimate), or None when unknown."""
+    from ftkit.data import read_rows
+
+    if recipe.train.max_steps is not None or recipe.data.packing or not Path(recipe.data.train).is_file():
+        return None
+    return min(len(read_rows(recipe.data.train)), recipe.data.max_samples or 1 << 62)
 
 
 @app.command()
@@ -257,7 +307,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(err)
-        sys.stderr.write(("error: " + message if "\n" not in message else message) + "\n")
+        sys.stderr.write((f"{err.label}: {message}" if "\n" not in message else message) + "\n")
         sys.exit(err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

@@ -25,11 +25,16 @@ IGNORE = -100
 
 @dataclass
 class Example:
-    """A tokenized example: input_ids and labels of equal length (-100 = not trained), and its `path:line`."""
+    """A tokenized example: input_ids and labels of equal length (-100 = not trained), and its `path:line`.
+
+    A packed row (ftkit.data.packing) holds several examples end to end; its `position_ids`
+    restart at 0 where each example starts, which is what keeps attention inside each one.
+    """
 
     input_ids: list[int]
     labels: list[int]
     source: str
+    position_ids: list[int] | None = None
 
 
 def encode_row(

@@ -49,10 +49,16 @@ class ModelSection(Section):
         False, description="Run Python code shipped with a hub model. Off unless you trust its authors."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+        "sdpa",
+        description="Attention kernel passed to transformers; flash_attention_2 needs flash-attn and a CUDA GPU.",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: much less memory, ~30% more compute."
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False,
+        description="Recompute activations in backward: much less memory, ~30% more compute. "
+        "offload: also keep each layer's saved input in CPU memory.",
+    )
+    torch_compile: bool = Field(
+        False, description="Compile each decoder layer with torch.compile (faster steps after a slow first one)."
     )
 
 
@@ -78,6 +84,11 @@ class DataSection(Section):
         False, description="Also train on prompt tokens; by default only the completion is in the loss."
     )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (first N).")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each max_length row (no attention across them): "
+        "far less padding on mixed lengths; a step then holds batch_size rows.",
+    )
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSection:
@@ -115,6 +126,30 @@ class TrainSection(Section):
         "auto", description="Autocast precision; auto = bf16 on a bf16-capable GPU, else none."
     )
     samples: int = Field(3, ge=0, description="Validation prompts generated into report.md at the end.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss or gradient norm: stop (no update, exit 3) or skip the step's update.",
+    )
+    max_skips: int = Field(
+        10, ge=0, description="With on_nonfinite: skip, stop anyway once more than this many steps were skipped."
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding); shuffled within windows."
+    )
+
+
+class PerfSection(Section):
+    """How the loss is computed and which extra kernels run: speed and memory, never the maths."""
+
+    loss_chunk_size: int | None = Field(
+        256,
+        ge=1,
+        description="Tokens whose logits are computed at once in the loss, so full fp32 logits never exist; "
+        "null = from the model's full logits.",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger's fused linear cross-entropy for the loss (CUDA; pip install liger-kernel)."
+    )
 
 
 class Recipe(Section):
@@ -124,6 +159,7 @@ class Recipe(Section):
     method: MethodSection = Field(..., description="How the model is adapted (method.name picks the family).")
     data: DataSection = Field(..., description="The examples.")
     train: TrainSection = Field(default_factory=TrainSection, description="The optimisation.")
+    perf: PerfSection = Field(default_factory=PerfSection, description="Loss computation and kernels.")
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
 
     #: defaults ftkit chose for the user, written as comments into the resolved recipe

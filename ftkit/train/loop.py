@@ -31,6 +31,8 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     micro_step: int = 0  # forward/backward passes done
     tokens_seen: int = 0  # non-pad input tokens processed
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (on_nonfinite: skip)
+    train_s: float = 0.0  # seconds inside optimizer steps (no eval, no checkpoint writing)
     best_val_loss: float | None = None
     best_step: int | None = None
     last_val_loss: float | None = None
@@ -47,9 +49,12 @@ class Hooks:
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
+    should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
+def micro_batches(
+    examples: Sequence[Example], batch_size: int, seed: int, state: TrainState, group_by_length: bool = True
+) -> Iterator[list[int]]:
     """Endless stream of micro-batches (lists of example indices) from where `state` stands.
 
     The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
@@ -57,7 +62,7 @@ def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state
     """
     lengths = [len(e.input_ids) for e in examples]
     while True:
-        order = batch_order(lengths, batch_size, seed, state.epoch)
+        order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
         for position in range(state.batch_in_epoch, len(order)):
             state.batch_in_epoch = position + 1
             yield order[position]
@@ -109,14 +114,22 @@ def train_loop(
     contributes (sum of its token losses) / T. So `batch_size 8 × grad_accum 1` and
     `batch_size 1 × grad_accum 8` give the same gradient on variable-length data,
     which a per-micro-batch mean would not (transformers #37766).
+
+    A step whose loss or gradient norm is not finite applies no update (gradients are
+    dropped; weights and optimizer state stay bit-identical). With `on_nonfinite: stop`
+    it raises NonFiniteError; with `skip` it counts as a step (data and LR move on) up
+    to `max_skips` times. `hooks.should_stop` is asked before every step, so a stop
+    request ends the run at a step boundary, where `state` is exactly resumable.
     """
     hooks = hooks or Hooks()
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
-    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state)
+    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state, cfg.group_by_length)
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
     model.train()
     while state.step < total_steps:
+        if hooks.should_stop(state):
+            break
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -144,21 +157,38 @@ def train_loop(
             grad_norm = float(
                 torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             )
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(
-                f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} at step {state.step + 1}; "
-                "no update applied. Lower train.lr, check the data, or use fp32/bf16 instead of fp16"
-            )
-        optimizer.step()
+        is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if is_finite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not is_finite:
+            what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+            state.skipped_steps += cfg.on_nonfinite == "skip"
+            if cfg.on_nonfinite == "stop" or state.skipped_steps > cfg.max_skips:
+                why = "" if cfg.on_nonfinite == "stop" else f" (more than train.max_skips={cfg.max_skips} skipped)"
+                raise NonFiniteError(
+                    f"non-finite {what} at step {state.step + 1}{why}; no update applied, the last checkpoint is "
+                    "the last good state. Lower train.lr, check the data, use fp32/bf16 instead of fp16, "
+                    "or set train.on_nonfinite: skip"
+                )
         state.step += 1
         state.tokens_seen += input_tokens
-        for hook in hooks.after_step:
-            hook(state.step)
+        if is_finite:
+            for hook in hooks.after_step:
+                hook(state.step)
 
         elapsed = time.perf_counter() - started
-        if state.step % cfg.log_every == 0 or state.step == total_steps:
+        state.train_s += elapsed
+        if not is_finite:  # an event, logged whatever log_every says; no "loss" key keeps it off the curves
+            hooks.log(
+                {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4),
+                    "lr": lr,
+                    "skipped": f"non-finite {what}",
+                }
+            )
+        elif state.step % cfg.log_every == 0 or state.step == total_steps:
             hooks.log(
                 {
                     "step": state.step,

@@ -15,18 +15,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ftkit.data import Example, collate
+from ftkit.losses import CausalLMLoss
 
 
 class SFT:
     """Supervised fine-tuning: next-token cross-entropy on trained tokens.
 
     loss = Σ_{t trained} −log p(x_t | x_<t)  /  (number of trained tokens in the window)
+
+    The sum comes from `lm_loss` (ftkit.losses): chunked over the vocabulary, so full
+    fp32 logits never exist, and packed batches keep attention inside each example.
     """
 
     name = "sft"
+
+    def __init__(self, lm_loss: CausalLMLoss | None = None):
+        self.lm_loss = lm_loss or CausalLMLoss()
 
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)
@@ -36,10 +42,4 @@ class SFT:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1, :]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        return loss, {}
+        return self.lm_loss(model, batch), {}
