@@ -94,17 +94,30 @@ def load_eval_set(
     return EvalSet(examples, [by_source[ex.source] for ex in examples], fmt, label, stem)
 
 
+def full_logits_sft() -> Any:
+    """The SFT objective computing its loss from the model's full logits (`chunk_size=None`).
+
+    Used wherever a model is only evaluated: the sum is the training loss (equal to the
+    chunked one to float rounding), and it works on any model (adapted heads, disk-offloaded
+    layers) without the chunked path's probe.
+    """
+    from ftkit.losses import CausalLMLoss
+    from ftkit.train.objective import SFT
+
+    return SFT(CausalLMLoss(chunk_size=None))
+
+
 class SFTWithAccuracy:
     """The SFT objective (same loss code) plus a count of correctly predicted trained tokens.
 
-    The model is wrapped so the SFT objective's own forward pass hands over its logits:
-    one forward per batch, and the loss is computed by exactly the training code.
+    Accuracy needs the logits, so the training loss runs in its full-logits mode
+    (`CausalLMLoss(chunk_size=None)`: the same sum, equal to the chunked one to float
+    rounding), and the model is wrapped so that forward pass hands its logits over:
+    one forward per batch.
     """
 
     def __init__(self) -> None:
-        from ftkit.train.objective import SFT
-
-        self._sft = SFT()
+        self._sft = full_logits_sft()
 
     def collate(self, examples: Sequence[Any], pad_id: int) -> dict:
         return self._sft.collate(examples, pad_id)

@@ -182,7 +182,7 @@ def _val_losses(
 ) -> dict:
     """Val loss of base, base + extracted adapter (as saved) and the full fine-tune, one model at a time."""
     from ftkit.errors import DataError
-    from ftkit.evaluate import load_eval_set
+    from ftkit.evaluate import full_logits_sft, load_eval_set
     from ftkit.resolve import attach_adapter, device_type, load_model
     from ftkit.train.loop import evaluate
 
@@ -205,7 +205,7 @@ def _val_losses(
         ("val_loss_tuned", lambda: load_model(tuned_target, tokenizer, dtype="float32")),
     ):
         model = load().eval()
-        losses[key] = evaluate(model, evalset.examples, 8, pad, device)["loss"]
+        losses[key] = evaluate(model, evalset.examples, 8, pad, device, full_logits_sft())["loss"]
         del model
         gc.collect()
     return {"val_data": evalset.label, **losses}

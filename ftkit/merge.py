@@ -260,6 +260,7 @@ def score(model: Any, examples: list[Any], pad_id: int) -> Scores:
     import torch
 
     from ftkit.data import collate
+    from ftkit.evaluate import full_logits_sft
     from ftkit.train.loop import evaluate
 
     device = _input_device(model)
@@ -269,7 +270,7 @@ def score(model: Any, examples: list[Any], pad_id: int) -> Scores:
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits
     real = batch["attention_mask"].bool()
-    loss = evaluate(model, examples, len(examples), pad_id, device)["loss"]
+    loss = evaluate(model, examples, len(examples), pad_id, device, full_logits_sft())["loss"]
     return Scores(logits.float().cpu()[real], loss)
 
 
