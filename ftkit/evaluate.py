@@ -144,47 +144,47 @@ def normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def measure(
-    model: Any,
-    tokenizer: Any,
-    evalset: EvalSet,
-    batch_size: int,
-    generate: Any | None,
-    max_new_tokens: int | None,
-) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, generations) of one model on `evalset`; `generate(prompts, budgets)` or None to skip."""
-    from ftkit.data import render_prompt
+def token_scores(model: Any, tokenizer: Any, evalset: EvalSet, batch_size: int) -> dict[str, float]:
+    """loss, perplexity and token_accuracy of one model on `evalset` (teacher forcing)."""
     from ftkit.train.loop import evaluate
 
     device = next(model.parameters()).device
     scores = evaluate(model, evalset.examples, batch_size, tokenizer.pad_token_id, device, SFTWithAccuracy())
-    metrics = {
+    return {
         "loss": scores["loss"],
         "perplexity": math.exp(min(scores["loss"], 50.0)),
         "token_accuracy": scores["token_accuracy"],
     }
-    generations: list[dict] = []
-    if generate is not None:
-        pairs = [render_prompt(row, evalset.fmt, tokenizer) for row in evalset.rows]
-        budgets = [
-            max_new_tokens or len(tokenizer(ref, add_special_tokens=False).input_ids) + GENERATION_SLACK_TOKENS
-            for _, ref in pairs
-        ]
-        texts = generate([p for p, _ in pairs], budgets)
-        for (prompt, reference), text in zip(pairs, texts, strict=True):
-            generations.append(
-                {
-                    "prompt": prompt,
-                    "target": reference,
-                    "generated": text,
-                    "exact": text.strip() == reference.strip(),
-                    "normalized": normalize(text) == normalize(reference),
-                }
-            )
-        n = max(len(generations), 1)
-        metrics["exact_match"] = sum(g["exact"] for g in generations) / n
-        metrics["normalized_match"] = sum(g["normalized"] for g in generations) / n
-    return metrics, generations
+
+
+def generation_scores(
+    generate: Any, tokenizer: Any, evalset: EvalSet, max_new_tokens: int | None
+) -> tuple[dict[str, float], list[dict]]:
+    """(exact_match / normalized_match, one record per row) from `generate(prompts, budgets) -> texts`."""
+    from ftkit.data import render_prompt
+
+    pairs = [render_prompt(row, evalset.fmt, tokenizer) for row in evalset.rows]
+    budgets = [
+        max_new_tokens or len(tokenizer(ref, add_special_tokens=False).input_ids) + GENERATION_SLACK_TOKENS
+        for _, ref in pairs
+    ]
+    texts = generate([p for p, _ in pairs], budgets)
+    records = [
+        {
+            "prompt": prompt,
+            "target": reference,
+            "generated": text,
+            "exact": text.strip() == reference.strip(),
+            "normalized": normalize(text) == normalize(reference),
+        }
+        for (prompt, reference), text in zip(pairs, texts, strict=True)
+    ]
+    n = max(len(records), 1)
+    metrics = {
+        "exact_match": sum(r["exact"] for r in records) / n,
+        "normalized_match": sum(r["normalized"] for r in records) / n,
+    }
+    return metrics, records
 
 
 def run_eval(
@@ -198,7 +198,13 @@ def run_eval(
     max_new_tokens: int | None = None,
     save: bool = True,
 ) -> dict:
-    """Evaluate `target` (and its base with `baseline`); return the result and write it for a run."""
+    """Evaluate `target` (and its base with `baseline`); return the result and write it for a run.
+
+    Token scores come first, from the transformers model; with vLLM that model is freed
+    before the engine takes the GPU, so the two never hold the weights at once.
+    """
+    import gc
+
     import torch
 
     from ftkit.generate import Sampling, VllmGenerator, generate_texts, vllm_can_serve, vllm_usable
@@ -210,18 +216,56 @@ def run_eval(
     batch_size = batch_size or (target.recipe.train.batch_size if target.recipe else 8)
     backend = "vllm" if generation and vllm_usable() and vllm_can_serve(target) is None else "transformers"
     greedy = Sampling(temperature=0.0)
-    engine = VllmGenerator(target, tokenizer) if backend == "vllm" else None
 
-    def generator(model: Any, use_adapter: bool) -> Any:
-        if not generation:
-            return None
-        # the engine holds the tuned weights; it serves the base only by leaving out the LoRA request
-        if engine is not None and (use_adapter or target.is_adapter):
-            return lambda prompts, budgets: engine.generate(prompts, greedy, budgets, use_adapter=use_adapter)
+    def hf_generate(model: Any) -> Any:
         return lambda prompts, budgets: generate_texts(model, tokenizer, prompts, greedy, batch_size, budgets)
 
+    def base_scope(model: Any) -> Any:
+        """A context in which `model` is the base: the adapter switched off (full fine-tunes: not used)."""
+        return model.disable_adapter() if target.is_adapter else contextlib.nullcontext()
+
     model = load_model(target, tokenizer)
-    tuned, tuned_generations = measure(model, tokenizer, evalset, batch_size, generator(model, True), max_new_tokens)
+    tuned = token_scores(model, tokenizer, evalset, batch_size)
+    base = None
+    if baseline and target.is_adapter:
+        with base_scope(model):
+            base = token_scores(model, tokenizer, evalset, batch_size)
+    tuned_records: list[dict] = []
+    base_records: list[dict] = []
+    if generation and backend == "transformers":
+        metrics, tuned_records = generation_scores(hf_generate(model), tokenizer, evalset, max_new_tokens)
+        tuned |= metrics
+        if base is not None:
+            with base_scope(model):
+                metrics, base_records = generation_scores(hf_generate(model), tokenizer, evalset, max_new_tokens)
+            base |= metrics
+    elif generation:
+        del model
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = VllmGenerator(target, tokenizer)
+        metrics, tuned_records = generation_scores(
+            lambda prompts, budgets: engine.generate(prompts, greedy, budgets), tokenizer, evalset, max_new_tokens
+        )
+        tuned |= metrics
+        if base is not None:  # an adapter's base: the same engine without the LoRA request
+            metrics, base_records = generation_scores(
+                lambda prompts, budgets: engine.generate(prompts, greedy, budgets, use_adapter=False),
+                tokenizer,
+                evalset,
+                max_new_tokens,
+            )
+            base |= metrics
+        del engine
+    if baseline and not target.is_adapter:  # a full fine-tune's base is another model
+        del model
+        gc.collect()
+        model = load_model(target, tokenizer, base_only=True)
+        base = token_scores(model, tokenizer, evalset, batch_size)
+        if generation:
+            metrics, base_records = generation_scores(hf_generate(model), tokenizer, evalset, max_new_tokens)
+            base |= metrics
     result: dict[str, Any] = {
         "target": target.spec,
         "weights": target.weights,
@@ -233,29 +277,18 @@ def run_eval(
         "generation_backend": backend if generation else None,
         "tuned": tuned,
     }
-    if baseline:
-        if target.is_adapter:
-            with model.disable_adapter():
-                base, base_generations = measure(
-                    model, tokenizer, evalset, batch_size, generator(model, False), max_new_tokens
-                )
-        else:
-            del model
-            model = load_model(target, tokenizer, base_only=True)
-            base, base_generations = measure(
-                model, tokenizer, evalset, batch_size, generator(model, False), max_new_tokens
-            )
+    if base is not None:
         result["base"] = base
         result["base_model"] = target.base
         result["delta"] = {key: tuned[key] - base[key] for key in tuned}
-        for row, base_row in zip(tuned_generations, base_generations, strict=True):
+        for row, base_row in zip(tuned_records, base_records, strict=True):
             row["base_generated"] = base_row["generated"]
     result |= {
         "batch_size": batch_size,
         "device": device_type() + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         "wall_s": time.perf_counter() - started,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "generations": tuned_generations,
+        "generations": tuned_records,
     }
     if save and target.run_dir is not None:
         result["file"] = str(write_eval_file(target.run_dir, result, evalset.stem, target.checkpoint))

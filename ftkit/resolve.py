@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class Target:
     run_dir: Path | None = None
     recipe: Recipe | None = None
     checkpoint: str | None = None  # "final" or "step-N" for runs
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tokenizer_source(self) -> str:
