@@ -52,13 +52,26 @@ def train(
         str | None,
         typer.Option("--resume", help="Continue from the newest complete checkpoint, or from the one given."),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Start N processes on this machine (one per GPU) through torch.distributed.run; "
+            "recipe key distributed.strategy says how they share the model.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model as the recipe says; write the run directory."""
     from ftkit.recipe import load_recipe
 
-    resolved = load_recipe(recipe, set_ or [])
+    resolved = load_recipe(recipe, set_ or [])  # a bad recipe fails here, before any process starts
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    from ftkit import distributed
+
+    if distributed.needs_launch(resolved, nproc):
+        sys.exit(distributed.launch(nproc or 1, sys.argv[1:]))  # SystemExit: click would swallow typer.Exit
     from ftkit.train.run import run_training
 
     run_training(resolved, overwrite=overwrite, resume=resume)
@@ -94,8 +107,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(err)
-        sys.stderr.write(("error: " + message if "\n" not in message else message) + "\n")
-        sys.exit(err.exit_code)
+        _fail(("error: " + message if "\n" not in message else message), err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -109,5 +121,13 @@ def main() -> None:
             sys.exit(err.exit_code)
         if _state["debug"]:
             raise
-        sys.stderr.write(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)\n")
-        sys.exit(1)
+        _fail(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
+
+
+def _fail(message: str, exit_code: int) -> None:
+    """Print the failure (one line) and exit; under several processes the launcher may print it instead."""
+    from ftkit.distributed import hand_over_failure
+
+    if not hand_over_failure(message, exit_code):
+        sys.stderr.write(message + "\n")
+    sys.exit(exit_code)

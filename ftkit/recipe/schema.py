@@ -117,6 +117,36 @@ class TrainSection(Section):
     samples: int = Field(3, ge=0, description="Validation prompts generated into report.md at the end.")
 
 
+class DistributedSection(Section):
+    """How training spreads over processes (one per GPU). Launched as one process, it is plain training."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: torch FSDP2 shards weights, gradients and "
+        "optimizer state by decoder layer; deepspeed: DeepSpeed ZeRO (pip install 'ftkit[deepspeed]').",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage (strategy deepspeed): 1 shards optimizer state, 2 also gradients, "
+        "3 also weights.",
+    )
+    offload: Literal["none", "optimizer", "params"] = Field(
+        "none",
+        description="Keep state in CPU RAM: optimizer = optimizer state and its step (deepspeed); params = weights "
+        "too (deepspeed zero_stage 3; fsdp moves weights, gradients and the optimizer step together).",
+    )
+    sharding: Literal["full", "hybrid"] = Field(
+        "full",
+        description="fsdp: full = shard over every process; hybrid = shard within a node, replicate across nodes.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON with settings ftkit leaves alone (buckets, overlap ...); batch sizes, grad "
+        "accumulation, clipping, precision and ZeRO stage/offload come from the recipe, and differing values "
+        "there are errors.",
+    )
+
+
 class Recipe(Section):
     """A complete fine-tuning recipe."""
 
@@ -124,6 +154,9 @@ class Recipe(Section):
     method: MethodSection = Field(..., description="How the model is adapted (method.name picks the family).")
     data: DataSection = Field(..., description="The examples.")
     train: TrainSection = Field(default_factory=TrainSection, description="The optimisation.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Several processes / GPUs (ignored by a one-process launch)."
+    )
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
 
     #: defaults ftkit chose for the user, written as comments into the resolved recipe
@@ -140,6 +173,55 @@ class Recipe(Section):
             raise ValueError(
                 f"method.name: {method.name} trains the base weights, which cannot be 4-bit; "
                 "remove model.quantization or use method.name: qlora"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_keys_fit_strategy(self) -> Recipe:
+        # Checked on the whole recipe so each error cites its own key and line. Defaults are accepted
+        # everywhere, so a resolved recipe (every key written) reloads.
+        d = self.distributed
+        s = d.strategy
+        if d.zero_stage != 2 and s != "deepspeed":
+            raise ValueError(
+                f"distributed.zero_stage: applies to strategy deepspeed, not {s} "
+                "(fsdp always shards like ZeRO-3; ddp shards nothing); remove it or set distributed.strategy: deepspeed"
+            )
+        if d.offload != "none" and s == "ddp":
+            raise ValueError(
+                "distributed.offload: ddp keeps everything on the GPU; "
+                "use distributed.strategy: fsdp or deepspeed to offload to CPU RAM"
+            )
+        if d.offload == "optimizer" and s == "fsdp":
+            raise ValueError(
+                "distributed.offload: fsdp offloads weights, gradients and the optimizer step together; "
+                "use offload: params (or strategy: deepspeed for optimizer-only offload)"
+            )
+        if d.offload == "params" and s == "deepspeed" and d.zero_stage != 3:
+            raise ValueError(
+                f"distributed.offload: params needs ZeRO stage 3 (weights are sharded only there), got zero_stage "
+                f"{d.zero_stage}; set distributed.zero_stage: 3 or offload: optimizer"
+            )
+        if d.sharding != "full" and s != "fsdp":
+            raise ValueError(f"distributed.sharding: applies to strategy fsdp, not {s}; remove it")
+        if d.deepspeed_config is not None and s != "deepspeed":
+            raise ValueError(f"distributed.deepspeed_config: applies to strategy deepspeed, not {s}; remove it")
+        if s == "deepspeed" and self.train.save_every is not None:
+            raise ValueError(
+                "train.save_every: ftkit writes no checkpoints under distributed.strategy deepspeed (DeepSpeed's own "
+                "format is pickle, which ftkit never writes); remove train.save_every, or use strategy fsdp for "
+                "resumable sharded runs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_sharding(self) -> Recipe:
+        d = self.distributed
+        if self.train.optimizer != "adamw" and (d.strategy == "fsdp" or d.offload != "none"):
+            where = "fsdp" if d.strategy == "fsdp" else "deepspeed offload"
+            raise ValueError(
+                f"train.optimizer: {self.train.optimizer} cannot run under {where}: bitsandbytes optimizers "
+                "do not take sharded (DTensor) or CPU-offloaded parameters; use train.optimizer: adamw"
             )
         return self
 

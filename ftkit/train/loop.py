@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ftkit import distributed
 from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
@@ -67,17 +68,30 @@ def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state
 
 @torch.no_grad()
 def evaluate(
-    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any, objective: Any = None
+    model: Any,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    device: Any,
+    objective: Any = None,
+    accelerator: Any = None,
 ) -> dict[str, float]:
     """Unit-weighted means over `examples`: `loss` (SFT: sum of token losses / trained tokens)
-    and the objective's metrics."""
+    and the objective's metrics.
+
+    With an `accelerator` running N processes, each evaluates its slice of every batch of
+    batch_size × N and the sums are added over processes, so every process returns the
+    same means as one process would (all must call it: sharded models gather in forward).
+    """
     objective = objective or SFT()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, units, metric_sums = 0.0, 0, {}
-    for start in range(0, len(order), batch_size):
-        batch = objective.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+    for start in range(0, len(order), batch_size * world):
+        chunk = order[start : start + batch_size * world]
+        batch = objective.collate(distributed.rank_examples(examples, chunk, rank, world), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, metrics = objective.loss_sum(model, batch)
         total += float(loss)
@@ -85,6 +99,10 @@ def evaluate(
         for key, value in metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
     model.train(was_training)
+    if world > 1:
+        keys = sorted(metric_sums)
+        total, units, *sums = distributed.global_sums(accelerator, [total, units, *(metric_sums[k] for k in keys)])
+        metric_sums = dict(zip(keys, sums, strict=True))
     n = max(units, 1)
     return {"loss": total / n} | {key: value / n for key, value in metric_sums.items()}
 
@@ -109,12 +127,18 @@ def train_loop(
     contributes (sum of its token losses) / T. So `batch_size 8 × grad_accum 1` and
     `batch_size 1 × grad_accum 8` give the same gradient on variable-length data,
     which a per-micro-batch mean would not (transformers #37766).
+
+    With N processes (`ftkit.distributed`): the micro-batches are global ones of
+    batch_size × N, each process takes its slice, T is summed over processes, and each
+    process's loss is multiplied by N because the engines average gradients over processes
+    (`distributed.loss_scale`). Logged loss, tokens and metrics are global sums.
     """
     hooks = hooks or Hooks()
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
-    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state)
-    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stream = micro_batches(train_examples, cfg.batch_size * world, cfg.seed, state)
+    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
@@ -123,20 +147,30 @@ def train_loop(
             group["lr"] = lr
 
         # Gather the window first: the loss normaliser is the unit count of the whole window.
-        window = [objective.collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
-        window_units = max(sum(objective.units(b) for b in window), 1)
+        window = [
+            objective.collate(distributed.rank_examples(train_examples, next(stream), rank, world), pad_id)
+            for _ in range(cfg.grad_accum)
+        ]
+        window_units = max(int(distributed.global_sums(accelerator, [sum(objective.units(b) for b in window)])[0]), 1)
         loss_sum, input_tokens, metric_sums = 0.0, 0, {}
-        for batch in window:
+        for i, batch in enumerate(window):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss, metrics = objective.loss_sum(model, batch)
-                loss = loss / window_units
-            accelerator.backward(loss)
+            with distributed.micro_step(accelerator, model, is_last=i == len(window) - 1):
+                with accelerator.autocast():
+                    loss, metrics = objective.loss_sum(model, batch)
+                    loss = loss / window_units
+                distributed.backward(accelerator, loss * world if world > 1 else loss)
             loss_sum += float(loss.detach())
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
             input_tokens += int(batch["attention_mask"].sum())
             state.micro_step += 1
+        if world > 1:  # every process must see the same loss: the non-finite check below decides for all
+            keys = sorted(metric_sums)
+            loss_sum, input_tokens, *sums = distributed.global_sums(
+                accelerator, [loss_sum, input_tokens, *(metric_sums[k] for k in keys)]
+            )
+            input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
         if cfg.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -175,7 +209,7 @@ def train_loop(
             )
         is_last = state.step == total_steps
         if val_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
-            val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective)
+            val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective, accelerator)
             val_loss = val["loss"]
             state.last_val_loss = val_loss
             if state.best_val_loss is None or val_loss < state.best_val_loss:
@@ -190,9 +224,10 @@ def train_loop(
     return state
 
 
-def total_steps_for(cfg: TrainSection, n_examples: int) -> int:
-    """Optimizer steps the recipe asks for: max_steps, or epochs over the data."""
+def total_steps_for(cfg: TrainSection, n_examples: int, processes: int = 1) -> int:
+    """Optimizer steps the recipe asks for: max_steps, or epochs over the data
+    (a micro-step of N processes consumes batch_size × N examples)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    micro = math.ceil(n_examples / cfg.batch_size)
+    micro = math.ceil(n_examples / (cfg.batch_size * processes))
     return max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))

@@ -7,6 +7,8 @@ nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -66,9 +68,9 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     if resume is not None:
         raise RunDirError("--resume is not available yet in this version; start a new run with --output-dir")
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ftkit import distributed
     from ftkit.data import load_splits
     from ftkit.methods import get_method
     from ftkit.models import build_model, count_parameters
@@ -82,45 +84,57 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     run_dir = Path(recipe.output_dir)
     cfg = recipe.train
     started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    accelerator = distributed.build_accelerator(recipe, _mixed_precision(cfg.mixed_precision))
     device_type = accelerator.device.type
+    is_main = accelerator.is_main_process  # with N processes only the main one writes the run directory
     set_seed(cfg.seed)
 
     # Inputs first: a data error must not leave a run directory behind.
     tokenizer = load_tokenizer(recipe)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
-    total_steps = total_steps_for(cfg, len(splits.train))
+    total_steps = total_steps_for(cfg, len(splits.train), accelerator.num_processes)
 
-    prepare_run_dir(run_dir, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    model, tokenizer, base = build_model(
-        recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
-    )
+    if is_main:
+        prepare_run_dir(run_dir, overwrite)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    with accelerator.main_process_first():
+        model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / "base")
+        model, tokenizer, base = build_model(
+            model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
+        )
     method = get_method(recipe.method.name)
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method)
     trainable, total = count_parameters(model)
-    log = _stderr_logger()
+    log = _stderr_logger() if is_main else (lambda message: None)
+    processes = f" · {accelerator.num_processes} processes ({recipe.distributed.strategy})"
     log(
         f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
         f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
-        f"{total_steps} steps · {accelerator.device}"
+        f"{total_steps} steps · {accelerator.device}{processes if accelerator.num_processes > 1 else ''}"
     )
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
     state = TrainState()
 
-    metrics = (run_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: a crash loses one line at most
+    # line-buffered: a crash loses one line at most
+    metrics = (run_dir / "metrics.jsonl").open("a", buffering=1) if is_main else None
 
     def trainer_state(s: TrainState) -> dict:
         return s.to_dict() | {"total_steps": total_steps}
 
     def checkpoint(s: TrainState) -> None:
-        save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, trainer_state(s))
-        rotate(run_dir, cfg.keep_last, s.best_step)
+        to_save, optimizer_to_save = distributed.gathered(accelerator, model, optimizer)  # every process
+        if is_main:
+            save_checkpoint(run_dir, to_save, tokenizer, optimizer_to_save, trainer_state(s))
+            rotate(run_dir, cfg.keep_last, s.best_step)
+        accelerator.wait_for_everyone()
 
-    progress = Progress(total_steps)
-    hooks = Hooks(log=lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r)), checkpoint=checkpoint)
+    progress = Progress(total_steps) if is_main else contextlib.nullcontext()
+    hooks = Hooks(
+        log=(lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r))) if is_main else (lambda r: None),
+        checkpoint=checkpoint,
+    )
     status = "completed"
     try:
         with progress:
@@ -138,16 +152,19 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
             )
         unwrapped = accelerator.unwrap_model(model)
         _assert_finite(unwrapped)
-        save_weights(unwrapped, tokenizer, run_dir / "final")
-        if base is not None and recipe.method.is_adapter:
-            _point_adapter_to(run_dir / "final", base)
-        if cfg.samples and splits.val:
-            _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, accelerator.device)
+        to_save, _ = distributed.gathered(accelerator, model)  # every process
+        if is_main:
+            save_weights(to_save, tokenizer, run_dir / "final")
+            if base is not None and recipe.method.is_adapter:
+                _point_adapter_to(run_dir / "final", base)
+        if cfg.samples and splits.val:  # every process generates: a sharded model gathers in forward
+            _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, accelerator.device, write=is_main)
     except NonFiniteError as err:
         status = f"stopped: {err}"
         raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         wall_s = time.perf_counter() - started
         facts = {
             "status": status,
@@ -162,7 +179,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
             "train_target_tokens": splits.stats.get("train_target_tokens"),
             "tokens_seen": state.tokens_seen,
             "steps": state.step,
-            "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(splits.train) // cfg.batch_size)),
+            "epochs": state.epoch
+            + state.batch_in_epoch / max(1, -(-len(splits.train) // (cfg.batch_size * accelerator.num_processes))),
             "wall_s": wall_s,
             "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -171,8 +189,10 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum,
+            "processes": accelerator.num_processes,
+            "strategy": recipe.distributed.strategy,
         }
-        summary = write_report(run_dir, facts)
+        summary = write_report(run_dir, facts) if is_main else {}
     loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
     log(f"done in {wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {run_dir}")
     return summary
@@ -197,8 +217,10 @@ def _device_name(device: Any) -> str:
 def _assert_finite(model: Any) -> None:
     import torch
 
+    from ftkit.distributed import local_tensor
+
     for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param).all():
+        if param.requires_grad and not torch.isfinite(local_tensor(param)).all():
             raise NonFiniteError(f"trainable parameter {name} is not finite; nothing was saved")
 
 
@@ -211,8 +233,11 @@ def _point_adapter_to(adapter_dir: Path, base: str) -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, val: list, run_dir: Path, device: Any) -> None:
-    """Greedy completions for the first `train.samples` validation examples, for report.md."""
+def _write_samples(
+    model: Any, tokenizer: Any, recipe: Recipe, val: list, run_dir: Path, device: Any, write: bool = True
+) -> None:
+    """Greedy completions for the first `train.samples` validation examples, for report.md
+    (written when `write`: every process generates, the main one writes)."""
     import torch
 
     from ftkit.data import read_rows, render_prompt
@@ -220,7 +245,8 @@ def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, val: list, run_di
     by_source = {source: row for row, source in read_rows(recipe.data.val or recipe.data.train)}
     rows = [by_source[example.source] for example in val[: recipe.train.samples]]
     model.eval()
-    with (run_dir / "samples.jsonl").open("w") as out, torch.no_grad():
+    sink = (run_dir / "samples.jsonl").open("w") if write else contextlib.nullcontext(io.StringIO())
+    with sink as out, torch.no_grad():
         for row in rows:
             prompt, target = render_prompt(row, recipe.data.format, tokenizer)
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
