@@ -41,6 +41,14 @@ SetOption = Annotated[
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="With --resume: the checkpoint to continue from (RUN/checkpoints/step-N); "
+            "default: the newest complete one.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOption = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", help="Run directory (overrides output_dir).")
@@ -49,9 +57,12 @@ def train(
         bool, typer.Option("--overwrite", help="Replace an existing non-empty run directory.")
     ] = False,
     resume: Annotated[
-        str | None,
-        typer.Option("--resume", help="Continue from the newest complete checkpoint, or from the one given."),
-    ] = None,
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in output_dir from its newest complete checkpoint, or from CHECKPOINT.",
+        ),
+    ] = False,
     nproc: Annotated[
         int | None,
         typer.Option(
@@ -62,9 +73,15 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train a model as the recipe says; write the run directory."""
+    """Train a model as the recipe says; write the run directory.
+
+    Ctrl-C (SIGINT) or SIGTERM finishes the step, saves a checkpoint and exits 130 / 143; --resume continues exactly.
+    """
+    from ftkit.errors import RunDirError
     from ftkit.recipe import load_recipe
 
+    if checkpoint is not None and not resume:
+        raise RunDirError(f"{checkpoint}: a checkpoint is only read with --resume: ftkit train RECIPE --resume PATH")
     resolved = load_recipe(recipe, set_ or [])  # a bad recipe fails here, before any process starts
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
@@ -74,7 +91,7 @@ def train(
         sys.exit(distributed.launch(nproc or 1, sys.argv[1:]))  # SystemExit: click would swallow typer.Exit
     from ftkit.train.run import run_training
 
-    run_training(resolved, overwrite=overwrite, resume=resume)
+    run_training(resolved, overwrite=overwrite, resume=checkpoint if checkpoint is not None else resume)
 
 
 @app.command()
@@ -99,6 +116,169 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> N
     typer.echo(f"wrote {run_dir / 'report.md'}", err=True)
 
 
+RunOrModel = Annotated[str, typer.Argument(help="Run directory, adapter directory, model directory or hub id.")]
+CheckpointOption = Annotated[
+    str | None, typer.Option("--checkpoint", help="In a run: use checkpoints/step-N instead of final/.")
+]
+BaseOption = Annotated[
+    str | None, typer.Option("--base", help="Base model for an adapter (overrides the one it records).")
+]
+
+
+@app.command("eval")
+def eval_(
+    run_or_model: RunOrModel,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Data file (any format train reads); default: the run's val set.")
+    ] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="Format of --data: alpaca, chat or text (default: the run's).")
+    ] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the base model; print the delta.")] = False,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="Use the first N examples.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Generation budget (default: reference + 16).")
+    ] = None,
+    no_generation: Annotated[
+        bool, typer.Option("--no-generation", help="Skip generation metrics (loss and accuracy only).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    checkpoint: CheckpointOption = None,
+    base: BaseOption = None,
+) -> None:
+    """Val loss, perplexity, token accuracy and exact match of a run or model; --baseline compares with its base."""
+    if data_format is not None and data_format not in ("alpaca", "chat", "text"):
+        raise typer.BadParameter(f"{data_format!r}; use alpaca, chat or text", param_hint="--format")
+    from ftkit.evaluate import print_result, run_eval
+    from ftkit.resolve import resolve_target
+
+    target = resolve_target(run_or_model, checkpoint, base)
+    result = run_eval(target, data, data_format, baseline, max_samples, batch_size, not no_generation, max_new_tokens)
+    print_result(result, as_json)
+
+
+@app.command()
+def generate(
+    run_or_model: RunOrModel,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="One prompt, streamed; without it prompts are read from stdin.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per batch (stdin).")] = 8,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template to plain prompts.")] = False,
+    checkpoint: CheckpointOption = None,
+    base: BaseOption = None,
+) -> None:
+    """Complete prompts: --prompt streams to stdout; stdin lines or JSONL rows in, completions out."""
+    from ftkit.generate import Sampling, run_generate
+    from ftkit.resolve import resolve_target
+
+    target = resolve_target(run_or_model, checkpoint, base)
+    run_generate(target, prompt, Sampling(max_new_tokens, temperature, top_p, seed), batch_size, template=not raw)
+
+
+@app.command()
+def merge(
+    run_or_adapter: Annotated[
+        str | None, typer.Argument(help="Run or adapter directory to merge into its base (or use --config).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for the merged model (required).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Merge-config YAML: merge models or combine adapters.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16; auto = bf16 on a bf16 GPU, else fp32.")
+    ] = "auto",
+    from_quantized: Annotated[
+        bool, typer.Option("--from-quantized", help="QLoRA: merge into the dequantized NF4 weights it trained on.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Held-out examples for verification.")] = 8,
+    data: Annotated[str | None, typer.Option("--data", help="Verification data (default: the run's val set).")] = None,
+    tolerance: Annotated[
+        float | None, typer.Option("--tolerance", help="Max |Δ logit| merged vs base + adapter (fp32: 1e-4).")
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="RAM the merge may use (e.g. 8GB); beyond it, shard by shard.")
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.")] = "2GB",
+    checkpoint: CheckpointOption = None,
+    base: BaseOption = None,
+) -> None:
+    """Merge an adapter into its base as a standalone model, verified against base + adapter; or merge models."""
+    if out is None:
+        raise typer.BadParameter("give the output directory", param_hint="--out")
+    if (run_or_adapter is None) == (config is None):
+        raise typer.BadParameter("give either RUN_OR_ADAPTER or --config, not both or neither")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"{dtype!r}; use auto, float32, bfloat16 or float16", param_hint="--dtype")
+    import json
+
+    if config is not None:
+        from ftkit.merging import load_merge_config, run_merge_config
+
+        result = run_merge_config(load_merge_config(config), out, overwrite=overwrite)
+        typer.echo(json.dumps(result["summary"]), err=True)
+        return
+    from ftkit.merge import merge_adapter, parse_size, summary_line
+    from ftkit.resolve import resolve_target
+
+    target = resolve_target(run_or_adapter, checkpoint, base)
+    report = merge_adapter(
+        target,
+        out,
+        dtype=dtype,
+        from_quantized=from_quantized,
+        overwrite=overwrite,
+        samples=samples,
+        data=data,
+        max_memory=parse_size(max_memory),
+        max_shard_size=parse_size(max_shard_size),
+        tolerance=tolerance,
+    )
+    typer.echo(summary_line(report), err=True)
+
+
+@app.command()
+def extract(
+    tuned: Annotated[str, typer.Option("--tuned", help="Full fine-tune: run directory or model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the extracted LoRA adapter.")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="The model it was tuned from (default: the run's base).")
+    ] = None,
+    rank: Annotated[int | None, typer.Option("--rank", min=1, help="Adapter rank (capped per layer).")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", min=0.0, max=1.0, help="Per-layer rank keeping this share of Σ s² instead."),
+    ] = None,
+    keep_other: Annotated[
+        bool, typer.Option("--keep-other", help="Also save changed non-linear modules whole (modules_to_save).")
+    ] = False,
+    data: Annotated[str | None, typer.Option("--data", help="Data for the val losses (default: the run's).")] = None,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", min=1)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Extract a LoRA adapter from a full fine-tune by SVD of each linear layer's weight delta."""
+    from ftkit.extract import extract_lora, print_summary
+
+    report = extract_lora(
+        base,
+        tuned,
+        out,
+        rank=rank if rank is not None or energy is not None else 16,
+        energy=energy,
+        keep_other=keep_other,
+        overwrite=overwrite,
+        data=data,
+        max_samples=max_samples,
+    )
+    print_summary(report)
+
+
 def main() -> None:
     """Entry point: run the app, turning known failures into one stderr line and an exit code."""
     try:
@@ -107,7 +287,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(err)
-        _fail(("error: " + message if "\n" not in message else message), err.exit_code)
+        _fail((f"{err.label}: {message}" if "\n" not in message else message), err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except (typer.Abort, KeyboardInterrupt):

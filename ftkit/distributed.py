@@ -362,22 +362,68 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def prepare(accelerator: Any, recipe: Any, model: Any, optimizer: Any) -> tuple[Any, Any]:
-    """Wrap the model and optimizer for the strategy; returns the objects the loop uses.
+def prepare(
+    accelerator: Any, recipe: Any, model: Any, optimizer: Any, resume_from: Path | None = None
+) -> tuple[Any, Any]:
+    """Wrap or shard the model and optimizer for the strategy, and load their state from the
+    checkpoint `resume_from` if given; returns the objects the loop uses.
 
     Everything goes through `accelerator.prepare`, except fsdp on CPU (accelerate would
     wrap the model in DDP there): the model is sharded with torch's `fully_shard`, one unit
-    per decoder layer plus the root, and the optimizer, which holds no state yet, is pointed
-    at the sharded parameters (FSDP2 replaces every parameter with a DTensor of the same name).
+    per decoder layer, embeddings, norm + head, and the root; the optimizer, which holds no
+    state yet, is pointed at the sharded parameters (FSDP2 replaces every parameter with a
+    DTensor of the same name).
+
+    Resuming a replicated model is ftkit.train.resume's `restore` after wrapping. A model
+    about to be sharded gets its weights before sharding (every process reads the full
+    checkpoint) and its optimizer state after, through torch.distributed.checkpoint's
+    `set_optimizer_state_dict`, which keeps each process's shard of the full saved state.
     """
-    if recipe.distributed.strategy != "fsdp" or accelerator.num_processes == 1 or _is_accelerate_fsdp(accelerator):
-        return accelerator.prepare(model, optimizer)
-    names = {id(p): n for n, p in model.named_parameters()}
-    _fully_shard_cpu(model, recipe, accelerator)
-    sharded = dict(model.named_parameters())
-    for group in optimizer.param_groups:
-        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
-    return model, accelerator.prepare(optimizer)
+    sharding = recipe.distributed.strategy == "fsdp" and (
+        accelerator.num_processes > 1 or _is_accelerate_fsdp(accelerator)
+    )
+    if resume_from is not None and sharding:
+        from ftkit.train.checkpoint import load_weights
+
+        load_weights(model, resume_from)
+    if sharding and not _is_accelerate_fsdp(accelerator):
+        names = {id(p): n for n, p in model.named_parameters()}
+        _fully_shard_cpu(model, recipe, accelerator)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:
+        if is_sharded(model):
+            _load_sharded_optimizer(model, optimizer, resume_from)
+        else:
+            from ftkit.train.resume import restore
+
+            restore(resume_from, accelerator.unwrap_model(model), optimizer)
+    return model, optimizer
+
+
+def _load_sharded_optimizer(model: Any, optimizer: Any, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from ftkit.errors import RunDirError
+    from ftkit.train.checkpoint import load_optimizer_state
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    try:
+        set_optimizer_state_dict(
+            model, inner, load_optimizer_state(path), options=StateDictOptions(full_state_dict=True)
+        )
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise RunDirError(f"{path}: the optimizer state does not fit this sharded optimizer ({err})") from None
+
+
+def describe(accelerator: Any, recipe: Any) -> str:
+    """' · 2 processes (fsdp)' for the start-up line; empty for one process."""
+    n = accelerator.num_processes
+    return f" · {n} processes ({recipe.distributed.strategy})" if n > 1 else ""
 
 
 def _is_accelerate_fsdp(accelerator: Any) -> bool:
@@ -468,6 +514,12 @@ def loss_scale(accelerator: Any) -> int:
     one-process gradient of the same global window.
     """
     return accelerator.num_processes
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when `flag` is True on any: decisions that change which
+    collectives run next (stop at this step boundary, generate samples) must be the same everywhere."""
+    return bool(flag) if accelerator.num_processes == 1 else global_sums(accelerator, [float(bool(flag))])[0] > 0
 
 
 def global_sums(accelerator: Any, values: Sequence[float]) -> list[float]:
@@ -569,6 +621,58 @@ def gathered(accelerator: Any, model: Any, optimizer: Any = None) -> tuple[Any, 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return GatheredModel(unwrapped, accelerator.get_state_dict(model)), optimizer
     return unwrapped, optimizer
+
+
+def rank_rng_states(accelerator: Any) -> dict:
+    """{"processes": N, "rng_ranks": [hex, ...]} for the checkpoint (every process must call it).
+
+    Each process draws its own dropout masks, so its torch generators (CPU, and its own
+    CUDA device) differ from the main process's after the first step; they are gathered
+    here so a resume gives every process back its own (`restore_rank_rng`). The number of
+    processes is saved too: the global batch is batch_size × processes, so a resume with
+    another count would be another trajectory (`check_processes`). Empty for one process.
+    """
+    if accelerator.num_processes == 1:
+        return {}
+    state = _rng_bytes(accelerator).to(accelerator.device)
+    gathered_states = accelerator.gather(state.unsqueeze(0)).cpu()
+    return {"processes": accelerator.num_processes, "rng_ranks": [bytes(row.tolist()).hex() for row in gathered_states]}
+
+
+def _rng_bytes(accelerator: Any) -> Any:
+    import torch
+
+    parts = [torch.get_rng_state()]
+    if accelerator.device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(accelerator.device))
+    return torch.cat(parts)
+
+
+def restore_rank_rng(accelerator: Any, saved: dict) -> None:
+    """Give this process back its own torch generator states from the checkpoint's trainer state.
+    Call after ftkit.train.checkpoint.restore_rng, which restores the main process's."""
+    ranks = saved.get("rng_ranks")
+    if not ranks or accelerator.num_processes == 1:
+        return
+    import torch
+
+    state = torch.tensor(list(bytes.fromhex(ranks[accelerator.process_index])), dtype=torch.uint8)
+    cpu_size = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:cpu_size])
+    if accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(state[cpu_size:], accelerator.device)
+
+
+def check_processes(accelerator: Any, saved: dict) -> None:
+    """Refuse to resume with another number of processes than the checkpoint was written with."""
+    from ftkit.errors import RunDirError
+
+    before, now = int(saved.get("processes", 1)), accelerator.num_processes
+    if before != now:
+        raise RunDirError(
+            f"--resume: the checkpoint was written by {before} process(es), this run has {now}; the global batch is "
+            f"train.batch_size × processes, so resume with --nproc {before} (or start a new run)"
+        )
 
 
 def model_source(accelerator: Any, model_cfg: Any, run_base: Path) -> Any:

@@ -11,6 +11,7 @@ class FtkitError(Exception):
     """A failure with a one-line, actionable message (no traceback without --debug)."""
 
     exit_code = 1
+    label = "error"  # the word the CLI puts before the message
 
 
 class RecipeError(FtkitError):
@@ -45,3 +46,25 @@ class NonFiniteError(FtkitError):
     """Loss or gradient norm became NaN/inf; no update was applied."""
 
     exit_code = 3
+
+
+class ResourceError(FtkitError):
+    """The machine ran out of something the run needs (memory, disk); the message says how to fit."""
+
+    exit_code = 1
+
+
+class Interrupted(FtkitError):
+    """Training stopped on SIGINT/SIGTERM at a step boundary, after saving; exit 128 + signal."""
+
+    label = "interrupted"
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class VerificationError(FtkitError):
+    """A result failed its own check (a merge whose logits differ from base + adapter); nothing was written."""
+
+    exit_code = 1

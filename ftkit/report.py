@@ -317,7 +317,8 @@ def write_report(run_dir: Path, facts: dict | None = None) -> dict:
     train, val = split_curves(records)
     plot_loss(train, val, run_dir / PLOT_FILE, title=_title(summary["facts"]))
     samples = _read_samples(run_dir / SAMPLES_FILE)
-    _write_atomic(run_dir / REPORT_FILE, render_markdown(summary, samples).encode())
+    markdown = render_markdown(summary, samples) + _evaluation_section(newest_eval(run_dir))
+    _write_atomic(run_dir / REPORT_FILE, markdown.encode())
     return summary
 
 
@@ -334,6 +335,42 @@ def _read_facts(summary_path: Path) -> dict:
 def _read_samples(path: Path) -> list[dict] | None:
     """samples.jsonl rows, or None when the run wrote none."""
     return read_metrics(path) if path.is_file() else None
+
+
+def newest_eval(run_dir: Path) -> dict | None:
+    """The newest `ftkit eval` result in the run (eval-*.json, by its `created` time), or None."""
+    found = []
+    for path in run_dir.glob("eval-*.json"):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # a file being written, or not ours
+        if isinstance(result, dict) and isinstance(result.get("tuned"), dict):
+            found.append((str(result.get("created", "")), path.name, result))
+    return max(found, key=lambda item: item[:2])[2] if found else None
+
+
+def _evaluation_section(result: dict | None) -> str:
+    """report.md's "Evaluation" section: the newest eval's metrics, with its base and delta when measured."""
+    if result is None:
+        return ""
+    metrics = [
+        k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "normalized_match") if k in result["tuned"]
+    ]
+    has_base = isinstance(result.get("base"), dict)
+    header = ["", "tuned", "base", "delta"] if has_base else ["", "value"]
+    rows = []
+    for key in metrics:
+        row = [key, _num(result["tuned"][key], ".4f")]
+        if has_base:
+            row += [_num(result["base"].get(key), ".4f"), _num((result.get("delta") or {}).get(key), "+.4f")]
+        rows.append(row)
+    where = f"{result.get('n_examples', '?')} examples of {result.get('data', '?')}, {result.get('created', '')}"
+    return (
+        "\n## Evaluation\n\n"
+        + f"`ftkit eval` on {where} ({Path(str(result.get('file', ''))).name}).\n\n"
+        + _table(header, rows)
+    )
 
 
 def _title(facts: dict) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_rows, write_jsonl
+from tests.trained_runs import trained_runs  # noqa: F401  (session fixture: finished runs, trained on first use)
 
 
 @pytest.fixture(scope="session")

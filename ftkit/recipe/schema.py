@@ -115,6 +115,13 @@ class TrainSection(Section):
         "auto", description="Autocast precision; auto = bf16 on a bf16-capable GPU, else none."
     )
     samples: int = Field(3, ge=0, description="Validation prompts generated into report.md at the end.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss or gradient norm: stop (no update, exit 3) or skip the step's update.",
+    )
+    max_skips: int = Field(
+        10, ge=0, description="With on_nonfinite: skip, stop anyway once more than this many steps were skipped."
+    )
 
 
 class DistributedSection(Section):

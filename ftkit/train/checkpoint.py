@@ -10,10 +10,14 @@ Layout of `checkpoints/step-N/`:
 
 A checkpoint is staged as `.step-N.tmp-<pid>`, fsynced, and renamed into place by
 one process, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+Nothing complete is ever modified in place: a checkpoint that is replaced or rotated out
+is first renamed to `.step-N.old-<pid>` and only then deleted. Staging and `.old` leftovers
+of a killed process are never loaded and are removed by `clean_staging` on the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,8 +31,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftkit.errors import ResourceError, RunDirError
+from ftkit.train.faults import fault_point
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
-STAGING_DIR = re.compile(r"^\.step-(\d+)\.tmp-(\d+)$")
+STAGING_DIR = re.compile(r"^\.step-(\d+)\.(?:tmp|old)-(\d+)$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -117,21 +125,30 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
-def save_checkpoint(run_dir: Path, model: Any, tokenizer: Any, optimizer: Any, trainer_state: dict) -> Path:
-    """Write `checkpoints/step-N/` atomically and return its path."""
+def save_checkpoint(
+    run_dir: Path, model: Any, tokenizer: Any, optimizer: Any, trainer_state: dict, expected_bytes: int = 0
+) -> Path:
+    """Write `checkpoints/step-N/` atomically and return its path.
+
+    On a full disk (ENOSPC/EDQUOT) the staging directory is dropped and ResourceError
+    names the path and the bytes a checkpoint needs (the newest complete checkpoint's
+    size, else `expected_bytes`); every complete checkpoint is left as it was.
+    """
     step = int(trainer_state["step"])
-    root = run_dir / "checkpoints"
+    root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".step-{step}.tmp-{os.getpid()}"
     final = root / f"step-{step}"
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir()
     try:
+        staging.mkdir()
         save_weights(model, tokenizer, staging)
+        fault_point("save-weights", step)
         opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict())
         save_file(opt_tensors, staging / "optimizer.safetensors")
         write_json(staging / "optimizer.json", opt_skeleton)
+        fault_point("save-optimizer", step)
         rng_tensors, rng_meta = capture_rng()
         save_file(rng_tensors, staging / "rng.safetensors")
         write_json(staging / "trainer_state.json", {**trainer_state, "rng": rng_meta})
@@ -141,15 +158,101 @@ def save_checkpoint(run_dir: Path, model: Any, tokenizer: Any, optimizer: Any, t
             if p.is_file()
         }
         write_json(staging / "complete.json", {"step": step, "files": files})
+        fault_point("save-complete", step)
         _fsync_tree(staging)
-        if final.exists():  # a re-run of the same step (resume): replace only our own checkpoint
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno in DISK_FULL:
+            raise disk_full_error(run_dir, f"{staging} (checkpoint step {step})", expected_bytes) from err
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # A re-save of a step (resume from an older checkpoint) moves the old one aside first,
+    # so there is never a moment without a complete step-N that a kill could catch.
+    retired = _retire(final) if final.exists() else None
+    os.rename(staging, final)
+    _fsync_dir(root)
+    fault_point("save-renamed", step)
+    if retired is not None:
+        shutil.rmtree(retired)
     return final
+
+
+def disk_full_error(run_dir: Path, what: str, expected_bytes: int = 0) -> ResourceError:
+    """One line: what could not be written, the bytes needed and free, and that the last checkpoint stands."""
+    newest = complete_checkpoints(run_dir)
+    needed = checkpoint_bytes(newest[-1]) if newest else expected_bytes
+    kept = f"the last complete checkpoint {newest[-1]} is intact" if newest else "no checkpoint was completed"
+    return ResourceError(
+        f"{what}: disk full; a checkpoint needs about {_gib(needed)} ({needed:,} bytes), "
+        f"{_gib(free_bytes(run_dir))} free; {kept}. Free some space (or lower train.keep_last), "
+        "then continue with: ftkit train RECIPE --resume"
+    )
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """`run_dir/checkpoints`, refused when it resolves outside the run dir (a symlink elsewhere)."""
+    root = run_dir / "checkpoints"
+    ensure_inside(run_dir, root)
+    return root
+
+
+def ensure_inside(run_dir: Path, path: Path) -> None:
+    """RunDirError unless `path` resolves inside `run_dir` (symlinks followed): ftkit writes only there."""
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise RunDirError(
+            f"{path} resolves to {path.resolve()}, outside the run directory {run_dir}; "
+            "ftkit writes only inside its run directory: remove the link or choose another --output-dir"
+        )
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Total size of a complete checkpoint, from its complete.json."""
+    files = json.loads((path / "complete.json").read_text())["files"]
+    return sum(int(entry["bytes"]) for entry in files.values())
+
+
+def estimate_checkpoint_bytes(model: Any, optimizer_name: str) -> int:
+    """Bytes one checkpoint will take, before any was written.
+
+    weights: the trainable tensors for an adapter (what save_pretrained writes for a
+    PeftModel), every tensor for a full model; optimizer state per trainable element:
+    two moments in the parameter's dtype for adamw / paged_adamw_32bit (2 x 4 bytes in
+    fp32), two uint8 moments for the 8-bit optimizers (their 32-bit fallback for tensors
+    under 4096 elements and the quantile maps are small enough to ignore here).
+    """
+    is_adapter = hasattr(model, "peft_config")
+    weights = optimizer = 0
+    for param in model.parameters():
+        size = param.numel() * param.element_size()
+        if param.requires_grad:
+            weights += size
+            optimizer += 2 * param.numel() * (1 if "8bit" in optimizer_name else param.element_size())
+        elif not is_adapter:
+            weights += size
+    return weights + optimizer
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _retire(path: Path) -> Path:
+    """Rename a complete checkpoint out of the `step-N` namespace before deleting it."""
+    retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if retired.exists():
+        shutil.rmtree(retired)
+    os.rename(path, retired)
+    return retired
 
 
 def save_weights(model: Any, tokenizer: Any, out_dir: Path) -> None:
@@ -162,20 +265,40 @@ def is_complete(path: Path) -> bool:
     return STEP_DIR.match(path.name) is not None and (path / "complete.json").is_file() and not path.is_symlink()
 
 
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """ftkit's complete checkpoints in the run, oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def clean_staging(run_dir: Path) -> list[Path]:
+    """Remove what a killed save or rotation left behind: `.step-N.tmp-PID` and `.step-N.old-PID` dirs.
+
+    Call it only while holding the run (one trainer per run dir), so none of them is live.
+    """
+    root = run_dir / "checkpoints"
+    if not root.is_dir() or root.is_symlink():
+        return []
+    stale = [p for p in root.iterdir() if STAGING_DIR.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def rotate(run_dir: Path, keep_last: int, best_step: int | None) -> list[Path]:
     """Delete all but the `keep_last` newest complete checkpoints and the best one.
 
-    Only ftkit's own `step-N` directories with a complete.json inside `checkpoints/`
-    are ever deleted; anything else there is left alone.
+    Only ftkit's own `step-N` directories with a complete.json, directly inside
+    `checkpoints/` and not symlinks, are ever deleted; anything else there is left alone.
+    Each is renamed out of the `step-N` namespace before it is deleted, so a kill
+    mid-delete never leaves a half-deleted directory that looks complete.
     """
     checkpoints = complete_checkpoints(run_dir)
     keep = set(checkpoints[-keep_last:])
@@ -185,9 +308,67 @@ def rotate(run_dir: Path, keep_last: int, best_step: int | None) -> list[Path]:
     root = (run_dir / "checkpoints").resolve()
     for path in checkpoints:
         if path not in keep and path.resolve().parent == root:
-            shutil.rmtree(path)
+            shutil.rmtree(_retire(path))
             removed.append(path)
     return removed
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file complete.json lists (inside the checkpoint, size, sha256); return complete.json.
+
+    RunDirError names the first file that does not match: a damaged checkpoint is never loaded.
+    """
+    try:
+        complete = json.loads((path / "complete.json").read_text())
+        files = complete["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"{path}/complete.json: unreadable ({err}); resume from another checkpoint") from None
+    for name, entry in files.items():
+        file = path / name
+        if not file.resolve().is_relative_to(path.resolve()):
+            raise RunDirError(f"{path}/complete.json: lists {name!r}, outside the checkpoint; refusing to load it")
+        if not file.is_file() or file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise RunDirError(
+                f"{file}: damaged (size or sha256 differs from complete.json); "
+                "resume from an older checkpoint with --resume PATH, or start again with --overwrite"
+            )
+    return complete
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load the trainable weights saved by `save_weights` at `path` into `model`, in place.
+
+    An adapter goes through peft's `set_peft_model_state_dict` (adapter names, modules_to_save);
+    a full model through `load_state_dict` by parameter name. Every trainable parameter must be
+    in the files, or share storage with one that is (tied embeddings); otherwise RunDirError.
+    """
+    if (path / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        state = load_file(path / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise RunDirError(
+                f"{path}: adapter tensors the model does not have: {', '.join(result.unexpected_keys[:3])}"
+            )
+        loaded = {name for name, _ in model.named_parameters()} - set(result.missing_keys)
+    else:
+        index = path / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+        state = {}
+        for shard in shards or ["model.safetensors"]:
+            state.update(load_file(path / shard))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise RunDirError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")
+        loaded = set(state)
+    params = dict(model.named_parameters())
+    loaded_storage = {params[name].data_ptr() for name in loaded if name in params}
+    missing = [
+        n for n, p in params.items() if p.requires_grad and n not in loaded and p.data_ptr() not in loaded_storage
+    ]
+    if missing:
+        raise RunDirError(f"{path}: no saved weights for trainable {', '.join(missing[:3])}; is this the same method?")
 
 
 def load_optimizer_state(path: Path) -> dict:

@@ -32,6 +32,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     micro_step: int = 0  # forward/backward passes done
     tokens_seen: int = 0  # non-pad input tokens processed
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (on_nonfinite: skip)
     best_val_loss: float | None = None
     best_step: int | None = None
     last_val_loss: float | None = None
@@ -48,6 +49,7 @@ class Hooks:
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
+    should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
 
 def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
@@ -132,6 +134,13 @@ def train_loop(
     batch_size × N, each process takes its slice, T is summed over processes, and each
     process's loss is multiplied by N because the engines average gradients over processes
     (`distributed.loss_scale`). Logged loss, tokens and metrics are global sums.
+
+    A step whose loss or gradient norm is not finite applies no update (gradients are
+    dropped; weights and optimizer state stay bit-identical). With `on_nonfinite: stop`
+    it raises NonFiniteError; with `skip` it counts as a step (data and LR move on) up
+    to `max_skips` times. `hooks.should_stop` is asked before every step, so a stop
+    request ends the run at a step boundary, where `state` is exactly resumable (with N
+    processes, the boundary where any of them was asked to stop: all must stop together).
     """
     hooks = hooks or Hooks()
     objective = objective or SFT()
@@ -141,6 +150,8 @@ def train_loop(
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
     model.train()
     while state.step < total_steps:
+        if distributed.any_process(accelerator, hooks.should_stop(state)):
+            break
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -159,7 +170,7 @@ def train_loop(
                 with accelerator.autocast():
                     loss, metrics = objective.loss_sum(model, batch)
                     loss = loss / window_units
-                distributed.backward(accelerator, loss * world if world > 1 else loss)
+                distributed.backward(accelerator, loss * distributed.loss_scale(accelerator))
             loss_sum += float(loss.detach())
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
@@ -178,21 +189,37 @@ def train_loop(
             grad_norm = float(
                 torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             )
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(
-                f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} at step {state.step + 1}; "
-                "no update applied. Lower train.lr, check the data, or use fp32/bf16 instead of fp16"
-            )
-        optimizer.step()
+        is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if is_finite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not is_finite:
+            what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+            state.skipped_steps += cfg.on_nonfinite == "skip"
+            if cfg.on_nonfinite == "stop" or state.skipped_steps > cfg.max_skips:
+                why = "" if cfg.on_nonfinite == "stop" else f" (more than train.max_skips={cfg.max_skips} skipped)"
+                raise NonFiniteError(
+                    f"non-finite {what} at step {state.step + 1}{why}; no update applied, the last checkpoint is "
+                    "the last good state. Lower train.lr, check the data, use fp32/bf16 instead of fp16, "
+                    "or set train.on_nonfinite: skip"
+                )
         state.step += 1
         state.tokens_seen += input_tokens
-        for hook in hooks.after_step:
-            hook(state.step)
+        if is_finite:
+            for hook in hooks.after_step:
+                hook(state.step)
 
         elapsed = time.perf_counter() - started
-        if state.step % cfg.log_every == 0 or state.step == total_steps:
+        if not is_finite:  # an event, logged whatever log_every says; no "loss" key keeps it off the curves
+            hooks.log(
+                {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4),
+                    "lr": lr,
+                    "skipped": f"non-finite {what}",
+                }
+            )
+        elif state.step % cfg.log_every == 0 or state.step == total_steps:
             hooks.log(
                 {
                     "step": state.step,

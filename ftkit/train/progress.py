@@ -41,6 +41,9 @@ class Progress:
             self._val = f" val_loss {record['val_loss']:.4f}"
             self._bar.update(self._task, info=self._info)
             return
+        if "skipped" in record:  # a step whose update was dropped (on_nonfinite: skip)
+            self._bar.update(self._task, completed=record["step"], info=f"{self._info} · step skipped")
+            return
         self._info = f"loss {record['loss']:.4f}{self._val} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
         self._bar.update(self._task, completed=record["step"], info=self._info)
 

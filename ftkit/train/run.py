@@ -2,7 +2,17 @@
 
 Everything a run writes lands in its run directory (DESIGN.md's contract). Inputs
 are checked before the directory is created, so a bad recipe or data file leaves
-nothing behind.
+nothing behind. One process trains in a run directory at a time (an flock on it).
+
+What ends a run, and what it leaves:
+    completed          final/, report; exit 0
+    SIGINT / SIGTERM   the step in flight finishes, a checkpoint is saved, report; exit 130 / 143
+    non-finite         no update applied, nothing saved after it, report names the step; exit 3
+    out of memory      one line with the batch geometry, peak memory and the keys that fix it; exit 1
+    disk full          staging dropped, last checkpoint intact, path and bytes named; exit 1
+A resumed run (`resume=`) continues from a checkpoint as if it had never stopped
+(ftkit.train.resume); its summary's wall_s counts the time up to that checkpoint plus
+the resumed part, not the work that was redone.
 """
 
 from __future__ import annotations
@@ -10,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, NonFiniteError, RunDirError
+from ftkit.errors import FtkitError, Interrupted, NonFiniteError, ResourceError, RunDirError
 from ftkit.recipe.schema import Recipe
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
@@ -31,10 +42,55 @@ RUN_ENTRIES = (
     "report.md",
     "samples.jsonl",
 )
+#: outputs of the end of a run, stale once a resume starts from an earlier step
+END_ENTRIES = ("final", "samples.jsonl")
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty run directory unless --overwrite; then remove only ftkit's own entries."""
+class RunLock:
+    """An exclusive, non-blocking flock on the run directory, held for the whole run.
+
+    Two trainers in one run directory (a job resubmitted while the first still runs) would
+    interleave checkpoints and metrics; the second is refused instead. The lock dies with
+    the process, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no flock; one trainer per run dir is then the user's care
+            return
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirError(
+                f"output_dir: another ftkit process is training in {self.run_dir}; wait for it or stop it first"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, lock: RunLock) -> bool:
+    """Refuse a non-empty run directory unless --overwrite; then remove only ftkit's own entries.
+
+    Takes `lock` before anything is removed. Returns True when the directory was created
+    here (so a run that cannot start may remove it again).
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output_dir: {run_dir} exists and is not a directory")
     existing = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
@@ -43,14 +99,29 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"output_dir: {run_dir} is not empty ({', '.join(existing[:5])}{' …' if len(existing) > 5 else ''}); "
             "pass --overwrite to replace ftkit's files there, --resume to continue it, or --output-dir for a new run"
         )
+    ours = [name for name in existing if name in RUN_ENTRIES]
+    if ours and "recipe.yaml" not in existing:
+        raise RunDirError(
+            f"output_dir: {run_dir} is not an ftkit run directory (no recipe.yaml) but holds {', '.join(ours)}; "
+            "--overwrite replaces only runs ftkit made: choose another --output-dir"
+        )
     foreign = [name for name in existing if name not in RUN_ENTRIES and not name.startswith("eval")]
     if existing and foreign:
         print(f"note: --overwrite keeps files ftkit did not make in {run_dir}: {', '.join(foreign)}", file=sys.stderr)
-    for name in existing:
-        if name in RUN_ENTRIES:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    for name in ours:
+        _remove(run_dir / name)
+    return created
+
+
+def _remove(path: Path) -> None:
+    """Remove a run entry; a symlink is unlinked, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
@@ -63,10 +134,14 @@ def load_tokenizer(recipe: Recipe) -> Any:
     return load_tokenizer_only(recipe.model)
 
 
-def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = None) -> dict:
-    """Train as `recipe` says; return the summary. Raises FtkitError subclasses on failure."""
-    if resume is not None:
-        raise RunDirError("--resume is not available yet in this version; start a new run with --output-dir")
+def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | Path = False) -> dict:
+    """Train as `recipe` says; return the summary. Raises FtkitError subclasses on failure.
+
+    `resume`: False starts a new run; True continues the run in `output_dir` from its newest
+    complete checkpoint; a path continues from that checkpoint (inside the same run).
+    """
+    if resume and overwrite:
+        raise RunDirError("--resume continues a run and --overwrite replaces it; give one of them")
     import torch
     from accelerate.utils import set_seed
 
@@ -75,11 +150,25 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     from ftkit.methods import get_method
     from ftkit.models import build_model, count_parameters
     from ftkit.optim import build_optimizer
-    from ftkit.recipe import dump_recipe
+    from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
-    from ftkit.train.checkpoint import rotate, save_checkpoint, save_weights
+    from ftkit.train import resume as resuming
+    from ftkit.train.checkpoint import (
+        DISK_FULL,
+        clean_staging,
+        disk_full_error,
+        estimate_checkpoint_bytes,
+        free_bytes,
+        restore_rng,
+        rotate,
+        save_checkpoint,
+        save_weights,
+        verify_checkpoint,
+    )
+    from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
     from ftkit.train.progress import Progress
+    from ftkit.train.signals import StopSignals, exit_code
 
     run_dir = Path(recipe.output_dir)
     cfg = recipe.train
@@ -88,114 +177,267 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     device_type = accelerator.device.type
     is_main = accelerator.is_main_process  # with N processes only the main one writes the run directory
     set_seed(cfg.seed)
+    log = _stderr_logger() if is_main else (lambda message: None)
 
     # Inputs first: a data error must not leave a run directory behind.
     tokenizer = load_tokenizer(recipe)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
+    data_sha256 = resuming.data_hashes(recipe.data)
     total_steps = total_steps_for(cfg, len(splits.train), accelerator.num_processes)
 
-    if is_main:
-        prepare_run_dir(run_dir, overwrite)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    with accelerator.main_process_first():
-        model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / "base")
-        model, tokenizer, base = build_model(
-            model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
-        )
-    method = get_method(recipe.method.name)
-    set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-    model = method.apply(model, recipe.method)
-    trainable, total = count_parameters(model)
-    log = _stderr_logger() if is_main else (lambda message: None)
-    processes = f" · {accelerator.num_processes} processes ({recipe.distributed.strategy})"
-    log(
-        f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
-        f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
-        f"{total_steps} steps · {accelerator.device}{processes if accelerator.num_processes > 1 else ''}"
-    )
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
-    state = TrainState()
-
-    # line-buffered: a crash loses one line at most
-    metrics = (run_dir / "metrics.jsonl").open("a", buffering=1) if is_main else None
-
-    def trainer_state(s: TrainState) -> dict:
-        return s.to_dict() | {"total_steps": total_steps}
-
-    def checkpoint(s: TrainState) -> None:
-        to_save, optimizer_to_save = distributed.gathered(accelerator, model, optimizer)  # every process
+    with RunLock(run_dir) as lock:
+        resume_from, saved, created = None, {}, False
+        if resume:
+            resume_from = resuming.find_checkpoint(run_dir, None if resume is True else Path(resume))
+            if is_main:
+                lock.acquire()
+            if resume is True and _has_completed(run_dir):
+                raise RunDirError(
+                    f"--resume: {run_dir} has finished (final/ is written); to train again from a checkpoint "
+                    f"name it (--resume {resume_from}), or start a new run with --overwrite"
+                )
+            if is_main:
+                verify_checkpoint(resume_from)
+            saved = json.loads((resume_from / "trainer_state.json").read_text())
+            distributed.check_processes(accelerator, saved)
+            old = load_recipe(run_dir / "recipe.yaml")
+            for note in resuming.check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
+                log(f"note: resuming with {note}")
+            accelerator.wait_for_everyone()  # every process has read the run before the main one changes it
+            if is_main:
+                clean_staging(run_dir)
+                resuming.truncate_metrics(run_dir / "metrics.jsonl", int(saved["step"]))
+                for name in END_ENTRIES:
+                    _remove(run_dir / name)
+        elif is_main:
+            created = prepare_run_dir(run_dir, overwrite, lock)
         if is_main:
-            save_checkpoint(run_dir, to_save, tokenizer, optimizer_to_save, trainer_state(s))
-            rotate(run_dir, cfg.keep_last, s.best_step)
-        accelerator.wait_for_everyone()
-
-    progress = Progress(total_steps) if is_main else contextlib.nullcontext()
-    hooks = Hooks(
-        log=(lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r))) if is_main else (lambda r: None),
-        checkpoint=checkpoint,
-    )
-    status = "completed"
-    try:
-        with progress:
-            train_loop(
-                model,
-                optimizer,
-                splits.train,
-                splits.val,
-                cfg,
-                total_steps,
-                state,
-                accelerator,
-                tokenizer.pad_token_id,
-                hooks,
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        with accelerator.main_process_first():  # a built-in base is written once, by the main process
+            model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / "base")
+            model, tokenizer, base = build_model(
+                model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
             )
+        method = get_method(recipe.method.name)
+        set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
+        model = method.apply(model, recipe.method)
+        trainable, total = count_parameters(model)
+        log(
+            f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
+            f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
+            f"{total_steps} steps · {accelerator.device}{distributed.describe(accelerator, recipe)}"
+        )
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        # wraps or shards model and optimizer, and loads their state from `resume_from` if given
+        model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer, resume_from)
         unwrapped = accelerator.unwrap_model(model)
-        _assert_finite(unwrapped)
-        to_save, _ = distributed.gathered(accelerator, model)  # every process
-        if is_main:
-            save_weights(to_save, tokenizer, run_dir / "final")
-            if base is not None and recipe.method.is_adapter:
-                _point_adapter_to(run_dir / "final", base)
-        if cfg.samples and splits.val:  # every process generates: a sharded model gathers in forward
-            _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, accelerator.device, write=is_main)
-    except NonFiniteError as err:
-        status = f"stopped: {err}"
-        raise
-    finally:
-        if metrics is not None:
-            metrics.close()
-        wall_s = time.perf_counter() - started
-        facts = {
-            "status": status,
-            "model": recipe.model.name,
-            "method": recipe.method.name,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_pct": 100 * trainable / max(total, 1),
-            "train_examples": len(splits.train),
-            "val_examples": len(splits.val),
-            "truncated": {"train": splits.stats.get("truncated_train", 0), "val": splits.stats.get("truncated_val", 0)},
-            "train_target_tokens": splits.stats.get("train_target_tokens"),
-            "tokens_seen": state.tokens_seen,
-            "steps": state.step,
-            "epochs": state.epoch
-            + state.batch_in_epoch / max(1, -(-len(splits.train) // (cfg.batch_size * accelerator.num_processes))),
-            "wall_s": wall_s,
-            "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
-            "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            "device": _device_name(accelerator.device),
-            "optimizer": cfg.optimizer,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
-            "processes": accelerator.num_processes,
-            "strategy": recipe.distributed.strategy,
-        }
-        summary = write_report(run_dir, facts) if is_main else {}
-    loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
-    log(f"done in {wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {run_dir}")
-    return summary
+        checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
+        try:
+            if is_main:
+                _check_free_space(run_dir, checkpoint_size, cfg, free_bytes(run_dir))
+        except ResourceError:
+            lock.release()  # before removing the directory it locks
+            if created:  # nothing was trained yet: leave no half-made run directory
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+        state = TrainState()
+        if resume_from is not None:
+            state = resuming.state_from(saved)
+            log(f"resuming from {resume_from}: step {state.step} of {total_steps}, epoch {state.epoch}")
+        wall_before = float(saved.get("wall_s", 0.0))
+        last_saved = {"step": state.step if resume_from is not None else None}
+        # line-buffered: a crash loses one line at most
+        metrics = (run_dir / "metrics.jsonl").open("a", buffering=1) if is_main else None
+
+        def trainer_state(s: TrainState) -> dict:
+            return s.to_dict() | {
+                "total_steps": total_steps,
+                "data_sha256": data_sha256,
+                "wall_s": wall_before + time.perf_counter() - started,
+            }
+
+        def checkpoint(s: TrainState) -> None:
+            _assert_finite(unwrapped)
+            to_save, optimizer_to_save = distributed.gathered(accelerator, model, optimizer)  # every process
+            rng_ranks = distributed.rank_rng_states(accelerator)  # every process
+            if is_main:
+                extra = trainer_state(s) | rng_ranks
+                save_checkpoint(run_dir, to_save, tokenizer, optimizer_to_save, extra, checkpoint_size)
+                rotate(run_dir, cfg.keep_last, s.best_step)
+            accelerator.wait_for_everyone()
+            last_saved["step"] = s.step
+
+        stop = StopSignals()
+
+        def should_stop(s: TrainState) -> bool:
+            fault_point("step", s.step)  # test-only fault injection (FTKIT_TEST_FAULT); a no-op otherwise
+            return stop.requested
+
+        progress = Progress(total_steps, start_step=state.step) if is_main else contextlib.nullcontext()
+        hooks = Hooks(
+            log=(lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r))) if is_main else (lambda r: None),
+            checkpoint=checkpoint,
+            should_stop=should_stop,
+        )
+        status = "completed"
+        if resume_from is not None:
+            # last of all: building the model and optimizer above drew from the generators
+            from safetensors.torch import load_file
+
+            restore_rng(load_file(resume_from / "rng.safetensors"), saved["rng"])
+            distributed.restore_rank_rng(accelerator, saved)  # each process's own torch generators
+        try:
+            with stop:
+                try:
+                    with progress:
+                        train_loop(
+                            model,
+                            optimizer,
+                            splits.train,
+                            splits.val,
+                            cfg,
+                            total_steps,
+                            state,
+                            accelerator,
+                            tokenizer.pad_token_id,
+                            hooks,
+                        )
+                    if state.step < total_steps:  # a signal stopped the loop at a step boundary
+                        if last_saved["step"] != state.step:
+                            checkpoint(state)
+                        status = f"interrupted by {stop.name} at step {state.step}"
+                        raise Interrupted(
+                            f"{stop.name} at step {state.step} of {total_steps}; saved {run_dir}/checkpoints/"
+                            f"step-{state.step}; continue with: ftkit train {run_dir}/recipe.yaml --resume",
+                            exit_code(stop.signum),
+                        )
+                    _assert_finite(unwrapped)
+                    to_save, _ = distributed.gathered(accelerator, model)  # every process
+                    if is_main:
+                        save_weights(to_save, tokenizer, run_dir / "final")
+                        if base is not None and recipe.method.is_adapter:
+                            _point_adapter_to(run_dir / "final", base)
+                    # every process generates (a sharded model gathers in forward), so all must agree
+                    if cfg.samples and splits.val and not distributed.any_process(accelerator, stop.requested):
+                        device = accelerator.device
+                        _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, device, write=is_main)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_out_of_memory(err):
+                        raise
+                    status = f"out of memory at step {state.step + 1}"
+                    raise ResourceError(_oom_message(recipe, state, splits, accelerator.device)) from None
+                except OSError as err:
+                    if err.errno not in DISK_FULL:
+                        raise
+                    status = f"disk full at step {state.step}"
+                    raise disk_full_error(run_dir, str(err.filename or run_dir), checkpoint_size) from None
+        except NonFiniteError as err:
+            status = f"stopped: {err}"
+            raise
+        except ResourceError as err:
+            if status == "completed":  # a full disk inside save_checkpoint
+                status = f"stopped at step {state.step}: {err}"
+            raise
+        except BaseException as err:
+            if status == "completed":
+                status = f"failed at step {state.step}: {type(err).__name__}: {err}"
+            raise
+        finally:
+            if metrics is not None:
+                metrics.close()
+            wall_s = wall_before + time.perf_counter() - started
+            facts = {
+                "status": status,
+                "model": recipe.model.name,
+                "method": recipe.method.name,
+                "trainable_params": trainable,
+                "total_params": total,
+                "trainable_pct": 100 * trainable / max(total, 1),
+                "train_examples": len(splits.train),
+                "val_examples": len(splits.val),
+                "truncated": {
+                    "train": splits.stats.get("truncated_train", 0),
+                    "val": splits.stats.get("truncated_val", 0),
+                },
+                "train_target_tokens": splits.stats.get("train_target_tokens"),
+                "tokens_seen": state.tokens_seen,
+                "steps": state.step,
+                "skipped_steps": state.skipped_steps,
+                "epochs": state.epoch
+                + state.batch_in_epoch / max(1, -(-len(splits.train) // (cfg.batch_size * accelerator.num_processes))),
+                "wall_s": wall_s,
+                "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
+                "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "device": _device_name(accelerator.device),
+                "optimizer": cfg.optimizer,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+                "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
+                "processes": accelerator.num_processes,
+                "strategy": recipe.distributed.strategy,
+            }
+            try:
+                summary = write_report(run_dir, facts) if is_main else {}
+            except OSError as err:  # e.g. the disk filled up: never hide the failure that brought us here
+                log(f"warning: could not write the report in {run_dir}: {err}")
+                summary = {}
+        loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
+        log(f"done in {wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {run_dir}")
+        return summary
+
+
+def _has_completed(run_dir: Path) -> bool:
+    """True when the run wrote final/ and its summary says it completed."""
+    summary = run_dir / "summary.json"
+    if not (run_dir / "final").is_dir() or not summary.is_file():
+        return False
+    try:
+        return json.loads(summary.read_text()).get("facts", {}).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_free_space(run_dir: Path, checkpoint_bytes: int, cfg: Any, free: int) -> None:
+    """Pre-flight: room for keep_last + 1 checkpoints at once (rotation runs after a save) and final/."""
+    copies = cfg.keep_last + 1 if cfg.save_every else 0
+    needed = checkpoint_bytes * (copies + 1)
+    if needed > free:
+        raise ResourceError(
+            f"{run_dir}: not enough disk space: about {needed:,} bytes needed ({copies} checkpoints of "
+            f"~{checkpoint_bytes:,} bytes at once with train.keep_last={cfg.keep_last}, plus final/), "
+            f"{free:,} free; free some space, lower train.keep_last, or choose another --output-dir"
+        )
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    # CPU allocation failures are plain RuntimeErrors with this allocator message
+    return isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
+
+
+def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
+    """One line: where, the micro-batch geometry, peak memory, and the recipe keys that make it fit."""
+    import resource
+
+    import torch
+
+    cfg = recipe.train
+    longest = max((len(ex.input_ids) for ex in splits.train), default=0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        memory = f"peak {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB on {device}"
+    else:  # Linux reports ru_maxrss in KiB
+        memory = f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB resident on cpu"
+    return (
+        f"out of memory at step {state.step + 1}: micro-batch of train.batch_size={cfg.batch_size} examples "
+        f"× up to {longest} tokens (data.max_length={recipe.data.max_length}), {memory}; to fit: "
+        f"train.batch_size={max(1, cfg.batch_size // 2)} with train.grad_accum={cfg.grad_accum * 2} "
+        "(same examples per step), model.gradient_checkpointing: true, or method.name: qlora (4-bit base)"
+    )
 
 
 def _mixed_precision(name: str) -> str:
@@ -270,4 +512,4 @@ def _stderr_logger():
     return log
 
 
-__all__ = ["run_training", "prepare_run_dir", "FtkitError"]
+__all__ = ["run_training", "prepare_run_dir", "RunLock", "FtkitError"]

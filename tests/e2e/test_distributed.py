@@ -25,9 +25,9 @@ TOLERANCE = 1e-5
 STEPS = 5
 
 
-def ftkit_subprocess(*args: str) -> subprocess.CompletedProcess:
+def ftkit_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m ftkit ARGS` in a fresh process, from the repository root."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "ftkit", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -62,9 +62,8 @@ def reference(tmp_path_factory, tiny_data) -> Path:
     return tmp / "runs" / "one"
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def two_processes(request, tmp_path_factory, tiny_data) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    strategy = request.param
+def two_process_run(tmp_path_factory, tiny_data, strategy: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(recipe, run dir, result) of 2 processes × batch_size 2 under `strategy`."""
     tmp = tmp_path_factory.mktemp(f"two-{strategy}")
     recipe = make_recipe(
         tmp,
@@ -74,6 +73,21 @@ def two_processes(request, tmp_path_factory, tiny_data) -> tuple[Path, Path, sub
         distributed={"strategy": strategy},
     )
     return recipe, tmp / "runs" / strategy, ftkit_subprocess("train", str(recipe), "--nproc", "2")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_data):
+    return two_process_run(tmp_path_factory, tiny_data, "ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_data):
+    return two_process_run(tmp_path_factory, tiny_data, "fsdp")
+
+
+@pytest.fixture(params=["ddp", "fsdp"])
+def two_processes(request):
+    return request.getfixturevalue(f"{request.param}_run")
 
 
 def test_two_processes_of_two_follow_one_process_of_four(reference, two_processes):
@@ -131,18 +145,46 @@ def test_fsdp_full_fine_tuning_with_accumulation_and_checkpoints(tmp_path, tiny_
     assert len(optimizer) == 3 * len(theirs)  # step, exp_avg, exp_avg_sq of every (gathered) parameter
 
 
-def test_resume_under_ddp_equals_uninterrupted(tmp_path, tiny_data):
-    """2 processes: 4 steps straight vs 2 steps, then --resume to 4 (needs the resume feature)."""
-    pytest.importorskip("ftkit.train.resume", reason="--resume lands with the reliability issue")
-    train = {"batch_size": 2, "save_every": 2, "samples": 0}
-    straight = make_recipe(tmp_path, tiny_data, name="straight", train={**train, "max_steps": 4})
-    part = make_recipe(tmp_path, tiny_data, name="part", train={**train, "max_steps": 2})
-    assert ftkit_subprocess("train", str(straight), "--nproc", "2").returncode == 0
-    assert ftkit_subprocess("train", str(part), "--nproc", "2").returncode == 0
-    resumed = ftkit_subprocess("train", str(part), "--nproc", "2", "--resume", "--set", "train.max_steps=4")
+def stop_and_resume(tmp: Path, recipe: Path) -> Path:
+    """Train `recipe` on 2 processes, SIGTERM both at the boundary after step 2 (they stop together,
+    save, exit 143), then --resume it to the end; returns the run directory."""
+    interrupted = ftkit_subprocess("train", str(recipe), "--nproc", "2", env={"FTKIT_TEST_FAULT": "sigterm@step:2"})
+    assert interrupted.returncode == 143, interrupted.stderr
+    assert [line for line in interrupted.stderr.splitlines() if "SIGTERM at step 2" in line]
+    resumed = ftkit_subprocess("train", str(recipe), "--nproc", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = read_metrics(tmp_path / "runs" / "straight")[0], read_metrics(tmp_path / "runs" / "part")[0]
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=TOLERANCE)
-    wa = load_file(tmp_path / "runs" / "straight" / "final" / "adapter_model.safetensors")
-    wb = load_file(tmp_path / "runs" / "part" / "final" / "adapter_model.safetensors")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOLERANCE
+    return tmp / "runs" / recipe.stem
+
+
+def assert_identical_runs(a: Path, b: Path, weights_file: str = "adapter_model.safetensors") -> None:
+    """Bit for bit: the resumed processes add the same terms in the same order as the straight ones."""
+    (losses_a, vals_a), (losses_b, vals_b) = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in losses_b] == [r["step"] for r in losses_a]
+    assert [r["loss"] for r in losses_b] == [r["loss"] for r in losses_a]
+    assert [r["val_loss"] for r in vals_b] == [r["val_loss"] for r in vals_a]
+    wa, wb = load_file(a / "final" / weights_file), load_file(b / "final" / weights_file)
+    assert sorted(wa) == sorted(wb) and all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_resume_under_ddp_equals_uninterrupted(tmp_path, ddp_run):
+    """The ddp run above, stopped after step 2 and resumed, ends exactly where it ended."""
+    recipe, straight, result = ddp_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "ddp.yaml"
+    copy.write_text(recipe.read_text().replace(str(straight), str(tmp_path / "runs" / "ddp")))
+    assert_identical_runs(straight, stop_and_resume(tmp_path, copy))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_with_dropout_gives_each_process_its_own_generator_back(tmp_path, tiny_data, strategy):
+    """Dropout 0.1: every process draws its own masks, so exactness needs each process's RNG back."""
+    sections = {
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "save_every": 2, "samples": 0, "eval_every": 2},
+        "distributed": {"strategy": strategy},
+    }
+    straight = make_recipe(tmp_path, tiny_data, name="straight", **sections)
+    assert ftkit_subprocess("train", str(straight), "--nproc", "2").returncode == 0
+    resumed = stop_and_resume(tmp_path, make_recipe(tmp_path, tiny_data, name="stopped", **sections))
+    assert_identical_runs(tmp_path / "runs" / "straight", resumed)

@@ -237,3 +237,14 @@ def test_bad_input_is_printed_once_across_processes(monkeypatch, tmp_path):
     assert distributed.hand_over_failure("error: rank 1 only", 1) is True  # `--nproc`: the launcher prints it
     report = json.loads((tmp_path / "rank-1.json").read_text())
     assert report["message"] == "error: rank 1 only" and report["exit_code"] == 1
+
+
+def test_resume_refuses_another_number_of_processes():
+    from types import SimpleNamespace
+
+    from ftkit.errors import RunDirError
+
+    two = SimpleNamespace(num_processes=2)
+    distributed.check_processes(two, {"processes": 2})
+    with pytest.raises(RunDirError, match=r"written by 1 process\(es\), this run has 2; .* resume with --nproc 1"):
+        distributed.check_processes(two, {})  # a one-process checkpoint stores no count

@@ -1,0 +1,316 @@
+"""`ftkit eval`: measure a run, an adapter or a model on a dataset, optionally against its base.
+
+Metrics, all over the same examples the training pipeline builds (same format, masks,
+max_length; `ftkit.data.load_splits`), so `loss` on a run's own validation set equals
+the last `val_loss` in its metrics.jsonl:
+
+    loss            Σ_{trained tokens} −log p(x_t | x_<t) / (number of trained tokens)
+                    (ftkit.train.loop.evaluate with the SFT objective: the training loss)
+    perplexity      exp(loss)
+    token_accuracy  share of trained tokens where argmax p(· | x_<t) = x_t (teacher forcing)
+    exact_match     share of rows whose greedy completion equals the reference answer
+                    (both stripped of surrounding whitespace)
+    normalized_match  the same after lower-casing and collapsing every whitespace run to one space
+
+Generation prompts are the rows rendered as in training up to the answer
+(`ftkit.data.render_prompt`), decoded greedily in batches with left padding; each row
+may generate its reference's length + 16 tokens (`--max-new-tokens` overrides), enough
+to see a model that does not stop.
+
+`--baseline` measures the base the same way: an adapter is switched off with peft's
+`disable_adapter()` (same weights in memory, nothing reloaded), a full fine-tune's base
+is loaded from the run. Results go to stdout as JSON with `--json`, else as a table on
+stderr, and for a run to `eval-<data>-<time>.json` in the run directory (never overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import DataError, FtkitError
+from ftkit.resolve import Target
+
+#: tokens each row may generate beyond its reference's length: room to show a model that does not stop
+GENERATION_SLACK_TOKENS = 16
+
+
+@dataclass
+class EvalSet:
+    """Tokenized examples, their raw rows (for generation), and where they came from."""
+
+    examples: list[Any]
+    rows: list[dict]
+    fmt: str
+    label: str  # what the data was, in words: "data/val.jsonl" or "the run's validation set (...)"
+    stem: str  # short name for the eval file: the data file's stem, or "heldout"
+
+
+def load_eval_set(
+    target: Target, tokenizer: Any, data: str | None, fmt: str | None, max_samples: int | None
+) -> EvalSet:
+    """The run's validation examples, or every row of `data`; first `max_samples` only when given."""
+    from ftkit.data import load_splits, read_rows
+    from ftkit.recipe.schema import DataSection
+
+    recipe = target.recipe
+    fmt = fmt or (recipe.data.format if recipe else None) or "alpaca"
+    if data is not None:
+        from ftkit.data.sources import SUFFIXES
+
+        if Path(data).suffix.lower() not in SUFFIXES or not Path(data).is_file():
+            problem = "file not found" if Path(data).suffix.lower() in SUFFIXES else f"use {', '.join(SUFFIXES)}"
+            raise DataError(f"--data: {data}: {problem}")
+        section = DataSection(
+            train=data,
+            format=fmt,
+            max_length=recipe.data.max_length if recipe else 1024,
+            train_on_prompt=recipe.data.train_on_prompt if recipe else False,
+            max_samples=max_samples,
+        )
+        examples = load_splits(section, tokenizer, seed=0).train
+        label, stem, source_file = data, Path(data).stem, data
+    else:
+        if recipe is None:
+            raise FtkitError(f"{target.spec} is not a run, so it has no validation set; pass --data FILE")
+        if recipe.data.format != fmt:
+            recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"format": fmt})})
+        examples = load_splits(recipe.data, tokenizer, recipe.train.seed).val[:max_samples]
+        if not examples:
+            raise DataError(f"{target.run_dir}: the run has no validation set (data.val / val_fraction); pass --data")
+        source_file = recipe.data.val or recipe.data.train
+        kind = f"data.val {recipe.data.val}" if recipe.data.val else f"data.val_fraction of {recipe.data.train}"
+        label = f"the run's validation set ({kind})"
+        stem = Path(recipe.data.val).stem if recipe.data.val else "heldout"
+    by_source = {source: row for row, source in read_rows(source_file)}
+    return EvalSet(examples, [by_source[ex.source] for ex in examples], fmt, label, stem)
+
+
+class SFTWithAccuracy:
+    """The SFT objective (same loss code) plus a count of correctly predicted trained tokens.
+
+    The model is wrapped so the SFT objective's own forward pass hands over its logits:
+    one forward per batch, and the loss is computed by exactly the training code.
+    """
+
+    def __init__(self) -> None:
+        from ftkit.train.objective import SFT
+
+        self._sft = SFT()
+
+    def collate(self, examples: Sequence[Any], pad_id: int) -> dict:
+        return self._sft.collate(examples, pad_id)
+
+    def units(self, batch: dict) -> int:
+        return self._sft.units(batch)
+
+    def loss_sum(self, model: Any, batch: dict) -> tuple[Any, dict[str, Any]]:
+        seen: dict[str, Any] = {}
+
+        def forward(**inputs: Any) -> Any:
+            seen["out"] = out = model(**inputs)
+            return out
+
+        loss, metrics = self._sft.loss_sum(forward, batch)
+        labels = batch["labels"][:, 1:]
+        predicted = seen["out"].logits[:, :-1, :].argmax(dim=-1)
+        correct = ((predicted == labels) & (labels != -100)).sum()
+        return loss, metrics | {"token_accuracy": correct}
+
+
+def normalize(text: str) -> str:
+    """Lower-case, every whitespace run → one space, stripped."""
+    return " ".join(text.split()).casefold()
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    evalset: EvalSet,
+    batch_size: int,
+    generate: Any | None,
+    max_new_tokens: int | None,
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, generations) of one model on `evalset`; `generate(prompts, budgets)` or None to skip."""
+    from ftkit.data import render_prompt
+    from ftkit.train.loop import evaluate
+
+    device = next(model.parameters()).device
+    scores = evaluate(model, evalset.examples, batch_size, tokenizer.pad_token_id, device, SFTWithAccuracy())
+    metrics = {
+        "loss": scores["loss"],
+        "perplexity": math.exp(min(scores["loss"], 50.0)),
+        "token_accuracy": scores["token_accuracy"],
+    }
+    generations: list[dict] = []
+    if generate is not None:
+        pairs = [render_prompt(row, evalset.fmt, tokenizer) for row in evalset.rows]
+        budgets = [
+            max_new_tokens or len(tokenizer(ref, add_special_tokens=False).input_ids) + GENERATION_SLACK_TOKENS
+            for _, ref in pairs
+        ]
+        texts = generate([p for p, _ in pairs], budgets)
+        for (prompt, reference), text in zip(pairs, texts, strict=True):
+            generations.append(
+                {
+                    "prompt": prompt,
+                    "target": reference,
+                    "generated": text,
+                    "exact": text.strip() == reference.strip(),
+                    "normalized": normalize(text) == normalize(reference),
+                }
+            )
+        n = max(len(generations), 1)
+        metrics["exact_match"] = sum(g["exact"] for g in generations) / n
+        metrics["normalized_match"] = sum(g["normalized"] for g in generations) / n
+    return metrics, generations
+
+
+def run_eval(
+    target: Target,
+    data: str | None = None,
+    fmt: str | None = None,
+    baseline: bool = False,
+    max_samples: int | None = None,
+    batch_size: int | None = None,
+    generation: bool = True,
+    max_new_tokens: int | None = None,
+    save: bool = True,
+) -> dict:
+    """Evaluate `target` (and its base with `baseline`); return the result and write it for a run."""
+    import torch
+
+    from ftkit.generate import Sampling, generate_texts, generate_with_vllm, vllm_can_serve, vllm_usable
+    from ftkit.resolve import device_type, load_model, load_tokenizer
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(target)
+    evalset = load_eval_set(target, tokenizer, data, fmt, max_samples)
+    batch_size = batch_size or (target.recipe.train.batch_size if target.recipe else 8)
+    backend = "vllm" if generation and vllm_usable() and vllm_can_serve(target) is None else "transformers"
+    greedy = Sampling(temperature=0.0)
+
+    def generator(model: Any, use_adapter: bool) -> Any:
+        if not generation:
+            return None
+        if backend == "vllm":
+            return lambda prompts, budgets: generate_with_vllm(
+                target, tokenizer, prompts, greedy, budgets, use_adapter=use_adapter
+            )
+        return lambda prompts, budgets: generate_texts(model, tokenizer, prompts, greedy, batch_size, budgets)
+
+    model = load_model(target, tokenizer)
+    tuned, tuned_generations = measure(model, tokenizer, evalset, batch_size, generator(model, True), max_new_tokens)
+    result: dict[str, Any] = {
+        "target": target.spec,
+        "weights": target.weights,
+        "checkpoint": target.checkpoint,
+        "data": evalset.label,
+        "format": evalset.fmt,
+        "n_examples": len(evalset.examples),
+        "target_tokens": sum(sum(label != -100 for label in ex.labels[1:]) for ex in evalset.examples),
+        "generation_backend": backend if generation else None,
+        "tuned": tuned,
+    }
+    if baseline:
+        if target.is_adapter:
+            with model.disable_adapter():
+                base, base_generations = measure(
+                    model, tokenizer, evalset, batch_size, generator(model, False), max_new_tokens
+                )
+        else:
+            del model
+            model = load_model(target, tokenizer, base_only=True)
+            base, base_generations = measure(
+                model, tokenizer, evalset, batch_size, generator(model, False), max_new_tokens
+            )
+        result["base"] = base
+        result["base_model"] = target.base
+        result["delta"] = {key: tuned[key] - base[key] for key in tuned}
+        for row, base_row in zip(tuned_generations, base_generations, strict=True):
+            row["base_generated"] = base_row["generated"]
+    result |= {
+        "batch_size": batch_size,
+        "device": device_type() + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+        "wall_s": time.perf_counter() - started,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generations": tuned_generations,
+    }
+    if save and target.run_dir is not None:
+        result["file"] = str(write_eval_file(target.run_dir, result, evalset.stem, target.checkpoint))
+        _refresh_report(target.run_dir)
+    return result
+
+
+def write_eval_file(run_dir: Path, result: dict, stem: str, checkpoint: str | None) -> Path:
+    """`eval-<data>[-<checkpoint>]-<UTC time>.json` in the run dir, created exclusively: never overwrites."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = "-".join(
+        part for part in ("eval", stem, None if checkpoint in (None, "final") else checkpoint, stamp) if part
+    )
+    for attempt in range(1, 1000):
+        path = run_dir / (f"{name}.json" if attempt == 1 else f"{name}-{attempt}.json")
+        try:
+            with path.open("x", encoding="utf-8") as out:
+                out.write(json.dumps(result | {"file": str(path)}, indent=2, allow_nan=True) + "\n")
+            return path
+        except FileExistsError:
+            continue
+    raise FtkitError(f"{run_dir}: cannot find a free name for {name}.json")
+
+
+def _refresh_report(run_dir: Path) -> None:
+    """Rewrite report.md so it shows this eval; a run without metrics (or a broken one) keeps its report."""
+    from ftkit.report import write_report
+
+    if (run_dir / "summary.json").is_file():
+        with contextlib.suppress(FtkitError):
+            write_report(run_dir)
+
+
+_ROWS = (
+    ("loss", "{:.4f}"),
+    ("perplexity", "{:.2f}"),
+    ("token_accuracy", "{:.1%}"),
+    ("exact_match", "{:.1%}"),
+    ("normalized_match", "{:.1%}"),
+)
+
+
+def format_table(result: dict) -> str:
+    """The human summary printed on stderr: one row per metric, base and delta when measured."""
+    has_base = "base" in result
+    header = ["metric", "base", "tuned", "delta"] if has_base else ["metric", "value"]
+    rows = [header]
+    for key, spec in _ROWS:
+        if key not in result["tuned"]:
+            continue
+        tuned = spec.format(result["tuned"][key])
+        if has_base:
+            delta = result["delta"][key]
+            delta_text = f"{delta * 100:+.1f} pt" if "%" in spec else f"{delta:+.4f}"
+            rows.append([key, spec.format(result["base"][key]), tuned, delta_text])
+        else:
+            rows.append([key, tuned])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    head = (
+        f"{result['target']} ({result['checkpoint'] or 'model'}) on {result['data']}: {result['n_examples']} examples"
+    )
+    foot = f"{result['wall_s']:.1f}s on {result['device']}" + (f" · wrote {result['file']}" if "file" in result else "")
+    return "\n".join([head, *lines, foot]) + "\n"
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    else:
+        sys.stderr.write(format_table(result))

@@ -1,0 +1,229 @@
+"""Resuming a run exactly where a checkpoint left it.
+
+    find_checkpoint(run_dir, path)      the newest complete checkpoint, or the one named (inside the run)
+    check_recipe_change(old, new, ...)  refuse changed trajectory keys (naming them); notes for cadence keys
+    data_hashes(data)                   sha256 of the data files, stored in every checkpoint
+    truncate_metrics(path, step)        metrics.jsonl as the uninterrupted run had it at `step`
+    restore(path, model, optimizer)     weights + optimizer state; returns trainer_state.json
+    state_from(saved)                   the TrainState counters (step, data position, evals, skips)
+
+What makes the continuation bit-identical to an uninterrupted run (CPU, fp32):
+- data order is `batch_order(seed, epoch)` plus the stored (epoch, batch_in_epoch) position;
+- the LR is `lr_at(step)`, a pure function of the stored step (no scheduler object to drift);
+- weights and optimizer state come back from safetensors in their own dtypes;
+- python, numpy, torch CPU and CUDA generator states are restored as they were between the
+  two steps (dropout draws from them); `restore_rng` must run last, after model building.
+Anything that would change the trajectory (model, method, data, seed, batch geometry,
+optimizer, schedule) makes a resume refuse; cadence keys (eval_every, save_every, ...) may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ftkit.errors import RunDirError
+from ftkit.recipe.schema import DataSection, Recipe
+from ftkit.train.checkpoint import complete_checkpoints, ensure_inside, is_complete, load_optimizer_state, load_weights
+from ftkit.train.loop import TrainState
+
+#: keys that change how often ftkit evaluates, saves, logs or reports, or what it does after a
+#: non-finite step, but not the weights a step produces: allowed on resume, with a note
+CADENCE_KEYS = frozenset(
+    {
+        "train.eval_every",
+        "train.save_every",
+        "train.keep_last",
+        "train.log_every",
+        "train.samples",
+        "train.on_nonfinite",
+        "train.max_skips",
+    }
+)
+#: data files are compared by content (sha256): a moved file with the same bytes is the same data
+DATA_FILE_KEYS = ("data.train", "data.val")
+#: where the run lives is not part of what it computes
+IGNORED_KEYS = frozenset({"output_dir"})
+
+
+def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
+    """The checkpoint to resume from: `path` if given, else the newest complete one in the run.
+
+    RunDirError when the run has none, or `path` is not a complete `step-N` checkpoint
+    directly inside `run_dir/checkpoints` (symlinks refused: derived paths stay in the run).
+    """
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RunDirError(f"--resume: {run_dir} holds no ftkit run (no recipe.yaml); check output_dir or --output-dir")
+    ensure_inside(run_dir, run_dir / "checkpoints")
+    if path is None:
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise RunDirError(
+                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (set train.save_every to write them); "
+                "start again with --overwrite"
+            )
+        return found[-1]
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(
+            f"--resume: {path} is not a directory; give a checkpoint such as {run_dir}/checkpoints/step-N"
+        )
+    if path.is_symlink() or path.resolve().parent != (run_dir / "checkpoints").resolve():
+        raise RunDirError(
+            f"--resume: {path} is not a checkpoint of the run directory {run_dir}; "
+            f"resume the run it belongs to with --output-dir {path.parent.parent}"
+        )
+    if not is_complete(path):
+        raise RunDirError(
+            f"--resume: {path} is not a complete ftkit checkpoint (no complete.json: the save did not finish); "
+            "omit the path to take the newest complete one"
+        )
+    return path
+
+
+def data_hashes(data: DataSection) -> dict[str, str | None]:
+    """{"data.train": sha256, "data.val": sha256 or None} of the files' bytes."""
+    return {key: _file_sha256(getattr(data, key.split(".")[1])) for key in DATA_FILE_KEYS}
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_recipe_change(
+    old: Recipe, new: Recipe, old_hashes: dict[str, str | None], new_hashes: dict[str, str | None]
+) -> list[str]:
+    """Compare the run's recipe with the one given to resume it, key by key.
+
+    Returns notes for changed cadence keys and moved data files; raises RunDirError, in one
+    line naming every changed key with its old and new value, when anything else changed.
+    """
+    before, after = _leaves(old.model_dump(mode="json")), _leaves(new.model_dump(mode="json"))
+    changed, notes = [], []
+    for key in list(before) + [k for k in after if k not in before]:
+        a, b = before.get(key, _ABSENT), after.get(key, _ABSENT)
+        if key in IGNORED_KEYS:
+            continue
+        if key in DATA_FILE_KEYS:
+            if old_hashes.get(key) != new_hashes.get(key):
+                changed.append(
+                    f"{key} ({_show(a)} → {_show(b)}, different content)" if a != b else f"{key} (content changed)"
+                )
+            elif a != b:
+                notes.append(f"{key} moved ({_show(a)} → {_show(b)}), same content")
+            continue
+        if a != b and key in CADENCE_KEYS:
+            notes.append(f"{key} changed ({_show(a)} → {_show(b)}): cadence only, the trajectory is unchanged")
+        elif a != b:
+            changed.append(f"{key} ({_show(a)} → {_show(b)})")
+    if changed:
+        raise RunDirError(
+            f"--resume: the recipe changes what this run computes: {', '.join(changed)}; "
+            "put them back to resume, or start a new run with --output-dir DIR (or --overwrite)"
+        )
+    return notes
+
+
+_ABSENT = object()
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 0.001, "method.target_modules": [...], ...}: mappings flattened, lists kept whole."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _ABSENT else json.dumps(value)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps <= `step`, as an uninterrupted run had them then.
+
+    The interrupted part may have logged steps after its last checkpoint; the resumed run
+    logs them again. A torn last line (a kill mid-write) is dropped; a damaged line
+    elsewhere is an error naming `path:line`. Rewritten via a temp file + rename.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    kept = []
+    for i, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(numbered) - 1:
+                break
+            raise RunDirError(
+                f"{path}:{number}: not valid JSON ({err.msg}); fix or delete this line, then resume"
+            ) from None
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def restore(path: Path, model: Any, optimizer: Any) -> dict:
+    """Load weights and optimizer state from checkpoint `path` in place; return its trainer_state.json.
+
+    RNG is not restored here: call `checkpoint.restore_rng` just before the loop, after
+    everything that draws random numbers while the model is being built.
+    """
+    load_weights(model, path)
+    try:
+        optimizer.load_state_dict(load_optimizer_state(path))
+    except (ValueError, KeyError) as err:
+        raise RunDirError(f"{path}: the optimizer state does not fit this optimizer ({err})") from None
+    _repage(optimizer)
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def state_from(saved: dict) -> TrainState:
+    """The TrainState stored in a checkpoint's trainer_state.json."""
+    names = {f.name for f in fields(TrainState)}
+    return TrainState(**{key: value for key, value in saved.items() if key in names})
+
+
+def _repage(optimizer: Any) -> None:
+    """Put a paged bitsandbytes optimizer's big states back into paged (CUDA unified) memory.
+
+    `load_state_dict` restores the values exactly but as ordinary device tensors, so a
+    resumed run would hold the whole optimizer state in GPU memory where the original
+    paged it out. Same rule as bitsandbytes' `get_state_buffer`: CUDA, >= 1e5 elements.
+    On CPU bitsandbytes never pages, and this does nothing.
+    """
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if not getattr(inner, "is_paged", False):
+        return
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            for key in ("state1", "state2"):
+                value = state.get(key)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_cuda
+                    and not getattr(value, "is_paged", False)
+                    and param.numel() >= 1e5
+                ):
+                    buffer = inner.get_state_buffer(param, dtype=value.dtype)
+                    buffer.copy_(value)
+                    state[key] = buffer
