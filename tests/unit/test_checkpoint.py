@@ -78,32 +78,45 @@ def test_optimizer_state_round_trips_bit_exactly(tmp_path, optimizer):
     """Through safetensors + JSON and back, an optimizer continues exactly as the original.
 
     8192 elements is above bitsandbytes' min_8bit_size (4096), so the 8-bit optimizers keep
-    uint8 moments with per-block absmax and quantile maps: all must survive unchanged."""
+    uint8 moments with per-block absmax and quantile maps: all must survive unchanged. Two
+    such parameters share one quantile map, which safetensors cannot write twice."""
     torch.manual_seed(0)
     cfg = TrainSection(lr=1e-2, optimizer=optimizer)
-    a = torch.nn.Parameter(torch.randn(128, 64))
-    opt_a = build_optimizer([a], cfg)
-    grads = [torch.randn(128, 64) for _ in range(5)]
+    a = [torch.nn.Parameter(torch.randn(128, 64)), torch.nn.Parameter(torch.randn(64, 128))]
+    opt_a = build_optimizer(a, cfg)
+    grads = [[torch.randn_like(p) for p in a] for _ in range(5)]
     for grad in grads[:3]:
-        a.grad = grad.clone()
+        for p, g in zip(a, grad, strict=True):
+            p.grad = g.clone()
         opt_a.step()
     tensors, skeleton = ckpt.flatten_state(opt_a.state_dict())
     save_file(tensors, tmp_path / "optimizer.safetensors")
     ckpt.write_json(tmp_path / "optimizer.json", skeleton)
     if "8bit" in optimizer:
-        assert any(t.dtype == torch.uint8 and t.numel() == a.numel() for t in tensors.values())
+        assert sum(t.dtype == torch.uint8 and t.numel() == 8192 for t in tensors.values()) == 4  # 2 moments x 2
 
-    b = torch.nn.Parameter(a.detach().clone())
-    opt_b = build_optimizer([b], cfg)
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = build_optimizer(b, cfg)
     opt_b.load_state_dict(ckpt.load_optimizer_state(tmp_path))
     for grad in grads[3:]:
-        a.grad, b.grad = grad.clone(), grad.clone()
+        for p, q, g in zip(a, b, grad, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
-    assert torch.equal(a, b)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     after_a, _ = ckpt.flatten_state(opt_a.state_dict())
     after_b, _ = ckpt.flatten_state(opt_b.state_dict())
     assert after_a.keys() == after_b.keys() and all(torch.equal(after_a[k], after_b[k]) for k in after_a)
+
+
+def test_flatten_stores_a_shared_tensor_once_and_shares_it_again(tmp_path):
+    shared, base = torch.arange(4.0), torch.arange(6.0)
+    state = {"a": shared, "b": shared, "c": base[:3], "d": base[3:]}
+    tensors, skeleton = ckpt.flatten_state(state)
+    assert sorted(tensors) == ["state.a", "state.c", "state.d"]
+    save_file(tensors, tmp_path / "s.safetensors")  # refuses tensors that share memory
+    back = ckpt.unflatten_state(skeleton, load_file(tmp_path / "s.safetensors"))
+    assert back["a"] is back["b"] and torch.equal(back["d"], torch.tensor([3.0, 4.0, 5.0]))
 
 
 def test_flatten_keeps_int_keys_tuples_and_scalars():
