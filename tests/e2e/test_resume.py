@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.resume_helpers import assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
+from tests.helpers import run_cli
+from tests.resume_helpers import ROOT, assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
 
 VARIANTS = {
     "lora": sections(),
@@ -219,3 +220,23 @@ def test_damaged_or_finished_runs_are_not_resumed(tmp_path, tiny_data):
     assert code == 0, err
     code, err, _ = train(tmp_path, tiny_data, "lora", "--resume")
     assert code == 2 and "has finished" in err
+
+
+def test_readme_stop_and_resume_commands(tmp_path, monkeypatch):
+    """The README's three commands on the shipped quickstart, shortened to 3 steps."""
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "quickstart"
+    shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0")]
+    common = [*shorter, "--output-dir", str(run_dir)]
+    monkeypatch.setenv("FTKIT_TEST_FAULT", "sigint@step:2")  # the user's Ctrl-C after step 2
+    code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
+    assert code == 130 and out == "", err
+    monkeypatch.delenv("FTKIT_TEST_FAULT")
+    code, out, err = run_cli("train", "recipes/quickstart.yaml", "--resume", *common)
+    assert code == 0 and out == "", err
+    first = trajectory(run_dir)
+    code, out, err = run_cli(
+        "train", "recipes/quickstart.yaml", "--resume", str(run_dir / "checkpoints/step-1"), *common
+    )
+    assert code == 0 and out == "", err
+    assert trajectory(run_dir) == first  # the same steps again, the same numbers

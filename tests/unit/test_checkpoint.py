@@ -212,3 +212,21 @@ def test_saved_rng_state_replays_the_same_draws(tmp_path):
     ckpt.restore_rng(load_file(tmp_path / "rng.safetensors"), json.loads(json.dumps(meta)))
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_sources_never_unpickle_or_run_code_from_files():
+    """Issue part 8: no pickle, no `torch.load` without weights_only=True, no unsafe YAML, no eval/exec."""
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "ftkit"
+    unsafe = re.compile(
+        r"\bimport pickle\b|\bpickle\.|\bdill\b|torch\.load\((?![^)]*weights_only=True)|yaml\.(?:unsafe_)?load\("
+        r"|yaml\.(?:Full|Unsafe)?Loader\b|(?<![.\w])(?:eval|exec)\("
+    )
+    found = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if unsafe.search(line)
+    ]
+    assert not found, found
