@@ -61,7 +61,9 @@ def _string_field(row: dict, field: str, fmt: str, source: str, required: bool =
     if value is None:
         if not required:
             return ""
-        have = ", ".join(sorted(row)) or "none"
+        # repr for keys with newlines or control characters: the error must stay one line
+        keys = [key if key.isprintable() else repr(key) for key in sorted(map(str, row))]
+        have = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "") or "none"
         raise DataError(f"{source}: missing field {field!r} (format {fmt} needs {FORMAT_FIELDS[fmt]}; row has {have})")
     if not isinstance(value, str):
         raise DataError(f"{source}: field {field!r} must be a string (format {fmt}), got {type(value).__name__}")
