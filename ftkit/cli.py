@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ftkit.errors import FtkitError
+from ftkit.errors import ArgumentError, FtkitError
 
 app = typer.Typer(
     add_completion=False,
@@ -169,7 +169,7 @@ def eval_(
 ) -> None:
     """Val loss, perplexity, token accuracy and exact match of a run or model; --baseline compares with its base."""
     if data_format is not None and data_format not in ("alpaca", "chat", "text"):
-        raise typer.BadParameter(f"{data_format!r}; use alpaca, chat or text", param_hint="--format")
+        raise ArgumentError(f"--format: {data_format!r} is not a format; use alpaca, chat or text")
     from ftkit.evaluate import print_result, run_eval
     from ftkit.resolve import resolve_target
 
@@ -231,11 +231,11 @@ def merge(
 ) -> None:
     """Merge an adapter into its base as a standalone model, verified against base + adapter; or merge models."""
     if out is None:
-        raise typer.BadParameter("give the output directory", param_hint="--out")
+        raise ArgumentError("--out: give the directory for the merged model")
     if (run_or_adapter is None) == (config is None):
-        raise typer.BadParameter("give either RUN_OR_ADAPTER or --config, not both or neither")
+        raise ArgumentError("give either RUN_OR_ADAPTER (merge an adapter) or --config (merge models), not both")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"{dtype!r}; use auto, float32, bfloat16 or float16", param_hint="--dtype")
+        raise ArgumentError(f"--dtype: {dtype!r}; use auto, float32, bfloat16 or float16")
     import json
 
     if config is not None:
