@@ -28,6 +28,7 @@ RUN_ENTRIES = (
     "loss.png",
     "report.md",
     "samples.jsonl",
+    "reference_logps.safetensors",
 )
 
 
@@ -77,6 +78,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     from ftkit.report import write_report
     from ftkit.train.checkpoint import rotate, save_checkpoint, save_weights
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
+    from ftkit.train.objective import SFT
     from ftkit.train.progress import Progress
 
     run_dir = Path(recipe.output_dir)
@@ -108,6 +110,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     )
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective, objective_facts = SFT(), {}
+    if recipe.objective.is_preference:
+        from ftkit.train.preference import prepare_objective
+
+        objective, objective_facts = prepare_objective(
+            recipe, accelerator.unwrap_model(model), splits, run_dir, accelerator.device, tokenizer.pad_token_id
+        )
     state = TrainState()
 
     metrics = (run_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: a crash loses one line at most
@@ -135,6 +144,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
                 accelerator,
                 tokenizer.pad_token_id,
                 hooks,
+                objective,
             )
         unwrapped = accelerator.unwrap_model(model)
         _assert_finite(unwrapped)
@@ -171,6 +181,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum,
+            **objective_facts,
         }
         summary = write_report(run_dir, facts)
     loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
