@@ -36,7 +36,8 @@ class ModelSection(Section):
 
     name: str = Field(
         "builtin:tiny-llama",
-        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama).",
+        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama); "
+        "or an adapter directory (a LoRA run's final/), merged into its base: a second stage such as DPO after SFT.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = Field(
@@ -73,9 +74,10 @@ class DataSection(Section):
     val_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train held out for validation (seeded) when val is not given."
     )
-    format: Literal["alpaca", "chat", "text"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference"] = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text.",
+        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text; "
+        "preference: prompt/chosen/rejected pairs (for objective.name dpo, ipo, orpo, simpo).",
     )
     max_length: int = Field(
         1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted."
@@ -95,6 +97,50 @@ class DataSection(Section):
         if self.val is not None and self.val_fraction > 0:
             raise ValueError("give either data.val or data.val_fraction, not both")
         return self
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+#: beta when the recipe gives none: the values of the papers and of TRL's defaults
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+#: SimPO's target margin gamma as a fraction of beta when not given (SimPO paper: gamma/beta ≈ 0.5)
+SIMPO_GAMMA_RATIO = 0.5
+
+
+class ObjectiveSection(Section):
+    """What training minimises: next-token cross-entropy (sft) or a preference loss on chosen/rejected pairs."""
+
+    name: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        "sft",
+        description="sft: cross-entropy on the answers; dpo, ipo, orpo, simpo: preference losses "
+        "(need data.format: preference).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="dpo/ipo: strength of the pull towards the reference (default 0.1); orpo: weight λ of the "
+        "odds-ratio term (default 0.1); simpo: reward scale (default 2.0).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo, simpo: assumed probability that a pair's preference is flipped (conservative DPO).",
+    )
+    gamma: float | None = Field(None, ge=0.0, description="simpo only: target reward margin; default 0.5 × beta.")
+    reference: Literal["auto", "precompute", "none"] = Field(
+        "auto",
+        description="dpo/ipo reference model. auto: the base with the adapter disabled (adapter methods, no copy) or a "
+        "frozen copy (full/freeze); precompute: reference log-probs computed once before training into the run dir; "
+        "none: only for orpo/simpo, which need no reference.",
+    )
+
+    @property
+    def is_preference(self) -> bool:
+        return self.name in PREFERENCE_OBJECTIVES
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in ("dpo", "ipo")
 
 
 class TrainSection(Section):
@@ -158,6 +204,9 @@ class Recipe(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
     method: MethodSection = Field(..., description="How the model is adapted (method.name picks the family).")
     data: DataSection = Field(..., description="The examples.")
+    objective: ObjectiveSection = Field(
+        default_factory=ObjectiveSection, description="What training minimises (sft, or a preference loss)."
+    )
     train: TrainSection = Field(default_factory=TrainSection, description="The optimisation.")
     perf: PerfSection = Field(default_factory=PerfSection, description="Loss computation and kernels.")
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
@@ -177,6 +226,58 @@ class Recipe(Section):
                 f"method.name: {method.name} trains the base weights, which cannot be 4-bit; "
                 "remove model.quantization or use method.name: qlora"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_data(self) -> Recipe:
+        objective, data = self.objective, self.data
+        if objective.is_preference and data.format != "preference":
+            raise ValueError(
+                f"objective.name: {objective.name} learns from chosen/rejected pairs; set data.format: preference "
+                "(rows with prompt, chosen, rejected)"
+            )
+        if data.format == "preference" and not objective.is_preference:
+            raise ValueError(
+                "data.format: preference pairs need a preference objective; set objective.name: dpo "
+                "(or ipo, orpo, simpo)"
+            )
+        if data.format == "preference" and data.train_on_prompt:
+            raise ValueError("data.train_on_prompt: preference losses compare the answers only; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_fit_objective(self) -> Recipe:
+        objective = self.objective
+        name = objective.name
+        if name == "sft" and objective.beta is not None:
+            raise ValueError("objective.beta: sft has no beta; remove it or set objective.name: dpo (ipo, orpo, simpo)")
+        if objective.label_smoothing and name not in ("dpo", "simpo"):
+            raise ValueError(f"objective.label_smoothing: only dpo and simpo use it, not {name}; remove it")
+        if objective.gamma is not None and name != "simpo":
+            raise ValueError(f"objective.gamma: only simpo has a target margin, not {name}; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_fits_objective(self) -> Recipe:
+        objective = self.objective
+        if objective.needs_reference and objective.reference == "none":
+            raise ValueError(
+                f"objective.reference: {objective.name} needs a reference model; use auto or precompute "
+                "(or objective.name: orpo / simpo, which need none)"
+            )
+        if not objective.needs_reference and objective.reference == "precompute":
+            raise ValueError(f"objective.reference: {objective.name} uses no reference model; remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _fill_objective_defaults(self) -> Recipe:
+        objective = self.objective
+        if objective.is_preference and objective.beta is None:
+            objective.beta = DEFAULT_BETA[objective.name]
+            self._notes.append(f"objective.beta: {objective.beta:g}, the default for {objective.name}")
+        if objective.name == "simpo" and objective.gamma is None:
+            objective.gamma = SIMPO_GAMMA_RATIO * objective.beta
+            self._notes.append(f"objective.gamma: {objective.gamma:g} = 0.5 × beta (SimPO paper)")
         return self
 
     @model_validator(mode="after")

@@ -60,7 +60,7 @@ def micro_batches(
     The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
     Advances `state.epoch` / `state.batch_in_epoch` as batches are handed out.
     """
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     while True:
         order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
         for position in range(state.batch_in_epoch, len(order)):
@@ -79,7 +79,7 @@ def evaluate(
     objective = objective or SFT()
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     total, units, metric_sums = 0.0, 0, {}
     for start in range(0, len(order), batch_size):
         batch = objective.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
@@ -211,7 +211,9 @@ def train_loop(
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = val_loss, state.step
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
-            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record["val_loss"] = val_loss
+            if getattr(objective, "reports_perplexity", True):
+                record["val_ppl"] = math.exp(min(val_loss, 50.0))
             record |= {f"val_{key}": value for key, value in val.items() if key != "loss"}
             state.history.append(record)
             hooks.log(record)

@@ -6,7 +6,11 @@ An objective provides
     loss_sum(model, batch) -> (loss, metrics)     loss summed over those units (a tensor),
                                                   plus metric sums over the same units
 The loop divides by the units of the whole accumulation window, so every unit weighs
-the same however the window is cut into micro-batches.
+the same however the window is cut into micro-batches. An objective whose loss is not a
+token cross-entropy sets `reports_perplexity = False`, so no val_ppl is logged for it.
+
+`objective.name` in a recipe picks one: sft here, dpo / ipo / orpo / simpo in
+ftkit.train.preference (built with their reference by `prepare_objective`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class SFT:
     """
 
     name = "sft"
+    reports_perplexity = True
 
     def __init__(self, lm_loss: CausalLMLoss | None = None):
         self.lm_loss = lm_loss or CausalLMLoss()

@@ -39,6 +39,7 @@ RUN_ENTRIES = (
     "loss.png",
     "report.md",
     "samples.jsonl",
+    "reference_logps.safetensors",
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step
 END_ENTRIES = ("final", "samples.jsonl")
@@ -231,6 +232,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
+        objective, objective_facts = SFT(CausalLMLoss.from_recipe(recipe)), {}
+        if recipe.objective.is_preference:
+            from ftkit.train.preference import prepare_objective
+
+            objective, objective_facts = prepare_objective(
+                recipe, unwrapped, splits, run_dir, accelerator.device, tokenizer.pad_token_id
+            )
         checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
         try:
             _check_free_space(run_dir, checkpoint_size, cfg, free_bytes(run_dir))
@@ -295,7 +303,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             accelerator,
                             tokenizer.pad_token_id,
                             hooks,
-                            objective=SFT(CausalLMLoss.from_recipe(recipe)),
+                            objective=objective,
                         )
                     if state.step < total_steps:  # a signal stopped the loop at a step boundary
                         if last_saved["step"] != state.step:
@@ -368,6 +376,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                     "grad_accum": cfg.grad_accum,
                     "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
                 }
+                | objective_facts
             )
             try:
                 summary = write_report(run_dir, facts)
