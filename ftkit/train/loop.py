@@ -19,7 +19,7 @@ from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
-from ftkit.train.objective import SFT
+from ftkit.train.objective import PENALTY, SFT
 
 
 @dataclass
@@ -42,11 +42,17 @@ class TrainState:
 
 @dataclass
 class Hooks:
-    """What the loop calls out to; every member is optional."""
+    """What the loop calls out to; every member is optional.
+
+    Step hooks get the number of optimizer steps done, the current one included (1-based).
+    `before_zero_grad` runs right after `optimizer.step()`, while the step's gradients are
+    still there (AdaLoRA scores importance from them); `after_step` once the step is complete.
+    """
 
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
-    after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
+    before_zero_grad: Sequence[Callable[[int], None]] = ()
+    after_step: Sequence[Callable[[int], None]] = ()
 
 
 def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
@@ -120,7 +126,7 @@ def train_loop(
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's relative group LR (LoRA+: B at λ·lr)
 
         # Gather the window first: the loss normaliser is the unit count of the whole window.
         window = [objective.collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
@@ -132,7 +138,8 @@ def train_loop(
                 loss, metrics = objective.loss_sum(model, batch)
                 loss = loss / window_units
             accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            # `loss` is the data loss; a method's penalty (PENALTY metric) trains but is reported apart
+            loss_sum += float(loss.detach()) - float(metrics.get(PENALTY, 0.0)) / window_units
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
             input_tokens += int(batch["attention_mask"].sum())
@@ -151,6 +158,8 @@ def train_loop(
                 "no update applied. Lower train.lr, check the data, or use fp32/bf16 instead of fp16"
             )
         optimizer.step()
+        for hook in hooks.before_zero_grad:
+            hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += input_tokens

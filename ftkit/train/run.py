@@ -70,13 +70,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     from accelerate.utils import set_seed
 
     from ftkit.data import load_splits
-    from ftkit.methods import get_method
+    from ftkit.methods import RunInfo, get_method
     from ftkit.models import build_model, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe
     from ftkit.report import write_report
     from ftkit.train.checkpoint import rotate, save_checkpoint, save_weights
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
+    from ftkit.train.objective import SFT, Regularized
     from ftkit.train.progress import Progress
 
     run_dir = Path(recipe.output_dir)
@@ -97,8 +98,16 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
         recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
     )
     method = get_method(recipe.method.name)
+    run_info = RunInfo(
+        total_steps=total_steps,
+        train=cfg,
+        examples=splits.train,
+        pad_id=tokenizer.pad_token_id,
+        device=accelerator.device,
+    )
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-    model = method.apply(model, recipe.method)
+    model = method.apply(model, recipe.method, run_info)
+    method_hooks = method.hooks(model, recipe.method, run_info)
     trainable, total = count_parameters(model)
     log = _stderr_logger()
     log(
@@ -106,7 +115,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
         f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
         f"{total_steps} steps · {accelerator.device}"
     )
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    if method_hooks.optimizer is not None:
+        optimizer = method_hooks.optimizer(cfg)
+    else:
+        optimizer = build_optimizer(
+            method_hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg
+        )
+    objective = Regularized(SFT(), method_hooks.regularizer) if method_hooks.regularizer else SFT()
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
 
@@ -120,7 +135,12 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
         rotate(run_dir, cfg.keep_last, s.best_step)
 
     progress = Progress(total_steps)
-    hooks = Hooks(log=lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r)), checkpoint=checkpoint)
+    hooks = Hooks(
+        log=lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r)),
+        checkpoint=checkpoint,
+        before_zero_grad=method_hooks.before_zero_grad,
+        after_step=method_hooks.after_step,
+    )
     status = "completed"
     try:
         with progress:
@@ -135,10 +155,15 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
                 accelerator,
                 tokenizer.pad_token_id,
                 hooks,
+                objective,
             )
         unwrapped = accelerator.unwrap_model(model)
         _assert_finite(unwrapped)
-        save_weights(unwrapped, tokenizer, run_dir / "final")
+        if method_hooks.save_final is not None:
+            method_hooks.save_final(unwrapped, run_dir / "final")
+            tokenizer.save_pretrained(run_dir / "final")
+        else:
+            save_weights(unwrapped, tokenizer, run_dir / "final")
         if base is not None and recipe.method.is_adapter:
             _point_adapter_to(run_dir / "final", base)
         if cfg.samples and splits.val:
