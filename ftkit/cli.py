@@ -126,6 +126,27 @@ def _count_examples(recipe) -> int | None:
 
 
 @app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="A method: show its recipe keys.")] = None,
+    peft_type: Annotated[
+        str | None, typer.Argument(help="With `peft`: a peft tuner type, to show its keys.", metavar="[TYPE]")
+    ] = None,
+) -> None:
+    """List the methods (`ftkit methods`), or one method's recipe keys (`ftkit methods vera`)."""
+    from ftkit.methods.catalogue import describe_method, describe_peft_type, list_methods
+
+    if peft_type is not None and name != "peft":
+        raise FtkitError(f"methods: a TYPE argument goes with `ftkit methods peft TYPE`, not with {name}")
+    if name is None:
+        text = list_methods()
+    elif peft_type is not None:
+        text = describe_peft_type(peft_type)
+    else:
+        text = describe_method(name)
+    sys.stdout.write(text)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """(Re)write summary.json, loss.png and report.md of a run from its metrics."""
     from ftkit.report import write_report

@@ -179,7 +179,8 @@ class CausalLMLoss:
         return self.fallback_reason[key]
 
     def _from_logits(self, model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        logits = model(**inputs).logits[:, :-1, :]
+        # prompt-learning adapters prepend virtual tokens: the last T positions are the input's
+        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1] :, :][:, :-1, :]
         labels = labels[:, 1:]
         keep = labels != IGNORE  # only positions in the loss are upcast to fp32
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")

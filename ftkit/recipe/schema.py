@@ -147,7 +147,9 @@ class TrainSection(Section):
     """The optimisation: steps, batch geometry, optimizer, schedule, cadence."""
 
     lr: float | None = Field(
-        None, gt=0, description="Peak learning rate; default 1e-5 for full/freeze, 1e-4 for adapter methods."
+        None,
+        gt=0,
+        description="Peak learning rate; default: the method's (1e-5 full/freeze, 1e-4 LoRA; `ftkit methods NAME`).",
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -289,6 +291,14 @@ class Recipe(Section):
             self.train.lr = type(self.method).default_lr
             self._notes.append(
                 f"train.lr: {self.train.lr:g}, the default for method {self.method.name} "
-                "(full 1e-5, adapters 1e-4: Anyscale Llama-2 fine-tuning study)"
+                f"({type(self.method).default_lr_reason})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_recipe(self) -> Recipe:
+        # after the defaults are filled: a method may depend on them (qlora's quantization)
+        problems = self.method.recipe_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self

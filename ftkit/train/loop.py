@@ -19,7 +19,7 @@ from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
-from ftkit.train.objective import SFT
+from ftkit.train.objective import PENALTY, SFT
 
 
 @dataclass
@@ -44,10 +44,16 @@ class TrainState:
 
 @dataclass
 class Hooks:
-    """What the loop calls out to; every member is optional."""
+    """What the loop calls out to; every member is optional.
+
+    Step hooks get the number of optimizer steps done, the current one included (1-based).
+    `before_zero_grad` runs right after `optimizer.step()`, while the step's gradients are
+    still there (AdaLoRA scores importance from them); `after_step` once the step is complete.
+    """
 
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
+    before_zero_grad: Sequence[Callable[[int], None]] = ()  # method hooks that need the step's gradients
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
     should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
@@ -133,7 +139,7 @@ def train_loop(
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's relative group LR (LoRA+: B at λ·lr)
 
         # Gather the window first: the loss normaliser is the unit count of the whole window.
         window = [objective.collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
@@ -145,7 +151,8 @@ def train_loop(
                 loss, metrics = objective.loss_sum(model, batch)
                 loss = loss / window_units
             accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            # `loss` is the data loss; a method's penalty (PENALTY metric) trains but is reported apart
+            loss_sum += float(loss.detach()) - float(metrics.get(PENALTY, 0.0)) / window_units
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
             input_tokens += int(batch["attention_mask"].sum())
@@ -160,6 +167,8 @@ def train_loop(
         is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if is_finite:
             optimizer.step()
+            for hook in hooks.before_zero_grad:
+                hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
         if not is_finite:
             what = "loss" if not math.isfinite(loss_sum) else "gradient norm"

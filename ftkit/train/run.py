@@ -148,7 +148,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     from ftkit.data import load_splits
     from ftkit.data.packing import pack_examples
     from ftkit.losses import CausalLMLoss, check_kernels
-    from ftkit.methods import get_method
+    from ftkit.methods import RunInfo, get_method
     from ftkit.models import build_model, check_attention, compile_layers, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
@@ -168,7 +168,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     )
     from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
-    from ftkit.train.objective import SFT
+    from ftkit.train.objective import SFT, Regularized
     from ftkit.train.progress import Progress
     from ftkit.train.signals import StopSignals, exit_code
 
@@ -218,8 +218,16 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
         )
         method = get_method(recipe.method.name)
+        run_info = RunInfo(
+            total_steps=total_steps,
+            train=cfg,
+            examples=splits.train,
+            pad_id=tokenizer.pad_token_id,
+            device=accelerator.device,
+        )
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-        model = method.apply(model, recipe.method)
+        model = method.apply(model, recipe.method, run_info)
+        method_hooks = method.hooks(model, recipe.method, run_info)
         if recipe.model.torch_compile:
             compile_layers(model)
         trainable, total = count_parameters(model)
@@ -229,7 +237,12 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
             f"{total_steps} steps · {accelerator.device}"
         )
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        if method_hooks.optimizer is not None:
+            optimizer = method_hooks.optimizer(cfg)
+        else:
+            optimizer = build_optimizer(
+                method_hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg
+            )
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
         objective, objective_facts = SFT(CausalLMLoss.from_recipe(recipe)), {}
@@ -239,6 +252,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             objective, objective_facts = prepare_objective(
                 recipe, unwrapped, splits, run_dir, accelerator.device, tokenizer.pad_token_id
             )
+        if method_hooks.regularizer is not None:
+            objective = Regularized(objective, method_hooks.regularizer)
         checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
         try:
             _check_free_space(run_dir, checkpoint_size, cfg, free_bytes(run_dir))
@@ -281,6 +296,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             log=lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r)),
             checkpoint=checkpoint,
             should_stop=should_stop,
+            before_zero_grad=method_hooks.before_zero_grad,
+            after_step=method_hooks.after_step,
         )
         status = "completed"
         if resume_from is not None:
@@ -315,7 +332,11 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             exit_code(stop.signum),
                         )
                     _assert_finite(unwrapped)
-                    save_weights(unwrapped, tokenizer, run_dir / "final")
+                    if method_hooks.save_final is not None:
+                        method_hooks.save_final(unwrapped, run_dir / "final")
+                        tokenizer.save_pretrained(run_dir / "final")
+                    else:
+                        save_weights(unwrapped, tokenizer, run_dir / "final")
                     if base is not None and recipe.method.is_adapter:
                         _point_adapter_to(run_dir / "final", base)
                     if cfg.samples and splits.val and not stop.requested:
