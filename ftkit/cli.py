@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ftkit.errors import FtkitError
+from ftkit.errors import ArgumentError, FtkitError
 
 app = typer.Typer(
     add_completion=False,
@@ -106,6 +106,60 @@ def validate(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="h100-80gb, h200, a100-80gb, a100-40gb, l40s, a6000, l4, 4090, 3090, a10, t4."),
+    ] = None,
+    utilisation: Annotated[
+        float, typer.Option("--utilisation", min=0.01, max=1.0, help="Assumed fraction of peak FLOP/s.")
+    ] = 0.4,
+    json_: Annotated[bool, typer.Option("--json", help="Also print the plan as JSON on stdout.")] = False,
+) -> None:
+    """Estimate peak GPU memory and speed of a recipe from the model's config (no weights loaded)."""
+    from ftkit.plan import estimate, render_table, to_json
+    from ftkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    result = estimate(resolved, gpu, utilisation, n_examples=_count_examples(resolved))
+    sys.stderr.write(render_table(result))
+    if json_:
+        sys.stdout.write(to_json(result))
+
+
+def _count_examples(recipe) -> int | None:
+    """Training rows in data.train (for the wall-time estimate), or None when unknown."""
+    from ftkit.data import read_rows
+
+    if recipe.train.max_steps is not None or recipe.data.packing or not Path(recipe.data.train).is_file():
+        return None
+    return min(len(read_rows(recipe.data.train)), recipe.data.max_samples or 1 << 62)
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="A method: show its recipe keys.")] = None,
+    peft_type: Annotated[
+        str | None, typer.Argument(help="With `peft`: a peft tuner type, to show its keys.", metavar="[TYPE]")
+    ] = None,
+) -> None:
+    """List the methods (`ftkit methods`), or one method's recipe keys (`ftkit methods vera`)."""
+    from ftkit.methods.catalogue import describe_method, describe_peft_type, list_methods
+
+    if peft_type is not None and name != "peft":
+        raise FtkitError(f"methods: a TYPE argument goes with `ftkit methods peft TYPE`, not with {name}")
+    if name is None:
+        text = list_methods()
+    elif peft_type is not None:
+        text = describe_peft_type(peft_type)
+    else:
+        text = describe_method(name)
+    sys.stdout.write(text)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """(Re)write summary.json, loss.png and report.md of a run from its metrics."""
     from ftkit.report import write_report
@@ -149,7 +203,7 @@ def eval_(
 ) -> None:
     """Val loss, perplexity, token accuracy and exact match of a run or model; --baseline compares with its base."""
     if data_format is not None and data_format not in ("alpaca", "chat", "text"):
-        raise typer.BadParameter(f"{data_format!r}; use alpaca, chat or text", param_hint="--format")
+        raise ArgumentError(f"--format: {data_format!r} is not a format; use alpaca, chat or text")
     from ftkit.evaluate import print_result, run_eval
     from ftkit.resolve import resolve_target
 
@@ -211,11 +265,11 @@ def merge(
 ) -> None:
     """Merge an adapter into its base as a standalone model, verified against base + adapter; or merge models."""
     if out is None:
-        raise typer.BadParameter("give the output directory", param_hint="--out")
+        raise ArgumentError("--out: give the directory for the merged model")
     if (run_or_adapter is None) == (config is None):
-        raise typer.BadParameter("give either RUN_OR_ADAPTER or --config, not both or neither")
+        raise ArgumentError("give either RUN_OR_ADAPTER (merge an adapter) or --config (merge models), not both")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"{dtype!r}; use auto, float32, bfloat16 or float16", param_hint="--dtype")
+        raise ArgumentError(f"--dtype: {dtype!r}; use auto, float32, bfloat16 or float16")
     import json
 
     if config is not None:

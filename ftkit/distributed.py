@@ -362,47 +362,80 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def prepare(
-    accelerator: Any, recipe: Any, model: Any, optimizer: Any, resume_from: Path | None = None
-) -> tuple[Any, Any]:
-    """Wrap or shard the model and optimizer for the strategy, and load their state from the
-    checkpoint `resume_from` if given; returns the objects the loop uses.
+def prepare(accelerator: Any, recipe: Any, model: Any, optimizer: Any) -> tuple[Any, Any]:
+    """Wrap or shard the model and optimizer for the strategy; returns the objects the loop uses.
 
     Everything goes through `accelerator.prepare`, except fsdp on CPU (accelerate would
     wrap the model in DDP there): the model is sharded with torch's `fully_shard`, one unit
     per decoder layer, embeddings, norm + head, and the root; the optimizer, which holds no
     state yet, is pointed at the sharded parameters (FSDP2 replaces every parameter with a
     DTensor of the same name).
-
-    Resuming a replicated model is ftkit.train.resume's `restore` after wrapping. A model
-    about to be sharded gets its weights before sharding (every process reads the full
-    checkpoint) and its optimizer state after, through torch.distributed.checkpoint's
-    `set_optimizer_state_dict`, which keeps each process's shard of the full saved state.
     """
-    sharding = recipe.distributed.strategy == "fsdp" and (
-        accelerator.num_processes > 1 or _is_accelerate_fsdp(accelerator)
-    )
-    if resume_from is not None and sharding:
-        from ftkit.train.checkpoint import load_weights
+    sharding = recipe.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+    if not sharding or _is_accelerate_fsdp(accelerator):
+        return accelerator.prepare(model, optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    _fully_shard_cpu(model, recipe, accelerator)
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return model, accelerator.prepare(optimizer)
 
-        load_weights(model, resume_from)
-    if sharding and not _is_accelerate_fsdp(accelerator):
-        names = {id(p): n for n, p in model.named_parameters()}
-        _fully_shard_cpu(model, recipe, accelerator)
-        sharded = dict(model.named_parameters())
-        for group in optimizer.param_groups:
-            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:
-        if is_sharded(model):
-            _load_sharded_optimizer(model, optimizer, resume_from)
-        else:
-            from ftkit.train.resume import restore
 
-            restore(resume_from, accelerator.unwrap_model(model), optimizer)
-    return model, optimizer
+def restore(accelerator: Any, path: Path, model: Any, optimizer: Any) -> None:
+    """Load weights and optimizer state from checkpoint `path` into the prepared model and optimizer.
+
+    Replicated models: ftkit.train.resume's `restore`. Sharded (FSDP) models: every process
+    reads the full tensors and keeps its shard, through torch.distributed.checkpoint's
+    `set_model_state_dict` / `set_optimizer_state_dict` (full state dicts, as `gathered`
+    saved them). Adapter tensors are saved under peft's names; the names of the model's
+    parameters are found by asking peft how it names them (`get_peft_model_state_dict`).
+    """
+    if not is_sharded(model):
+        from ftkit.train.resume import restore as restore_replicated
+
+        restore_replicated(path, accelerator.unwrap_model(model), optimizer)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from ftkit.errors import RunDirError
+
+    saved = _saved_weights(path)
+    names = _parameter_names(model, saved)
+    unknown = sorted(set(saved) - set(names))
+    if unknown:
+        raise RunDirError(f"{path}: tensors the model does not have: {', '.join(unknown[:3])}")
+    full = {names[key]: tensor for key, tensor in saved.items()}
+    absent = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in full)
+    if absent:
+        raise RunDirError(f"{path}: no saved weights for trainable {', '.join(absent[:3])}; is this the same method?")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    _load_sharded_optimizer(model, optimizer, path)
+
+
+def _saved_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if (path / "adapter_config.json").is_file():
+        return load_file(path / "adapter_model.safetensors")
+    index = path / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    state = {}
+    for shard in shards or ["model.safetensors"]:
+        state.update(load_file(path / shard))
+    return state
+
+
+def _parameter_names(model: Any, saved: dict) -> dict[str, str]:
+    """{name in the checkpoint: name in the model}: peft renames adapter tensors when it saves them."""
+    current = model.state_dict()  # sharded tensors, no gathering
+    if not hasattr(model, "peft_config"):
+        return {key: key for key in saved if key in current}
+    from peft import get_peft_model_state_dict
+
+    by_identity = {id(tensor): name for name, tensor in current.items()}
+    as_saved = get_peft_model_state_dict(model, state_dict=current)
+    return {key: by_identity[id(tensor)] for key, tensor in as_saved.items() if id(tensor) in by_identity}
 
 
 def _load_sharded_optimizer(model: Any, optimizer: Any, path: Path) -> None:
@@ -418,6 +451,43 @@ def _load_sharded_optimizer(model: Any, optimizer: Any, path: Path) -> None:
         )
     except (KeyError, ValueError, RuntimeError) as err:
         raise RunDirError(f"{path}: the optimizer state does not fit this sharded optimizer ({err})") from None
+
+
+def check_method_hooks(accelerator: Any, recipe: Any, hooks: Any) -> None:
+    """Refuse a method's own training hooks under a strategy that splits tensors over processes.
+
+    Hooks such as AdaLoRA's budget reallocation, LoRA-FA's projected-gradient optimizer or
+    PiSSA's final conversion read whole weights and gradients; under fsdp / deepspeed each
+    process holds only a shard. Under ddp every process holds everything and the gradients
+    are already averaged when the hooks run, so they run unchanged. Parameter groups
+    (LoRA+) are fine everywhere.
+    """
+    strategy = recipe.distributed.strategy
+    if strategy == "ddp":
+        return
+    own = [
+        name
+        for name in ("optimizer", "before_zero_grad", "after_step", "regularizer", "save_final")
+        if getattr(hooks, name)
+    ]
+    if own:
+        raise DistributedError(
+            f"method.name: {recipe.method.name} runs its own training hooks ({', '.join(own)}) on whole tensors, "
+            f"which distributed.strategy {strategy} splits over processes; use distributed.strategy: ddp"
+        )
+
+
+@contextlib.contextmanager
+def own_dir(accelerator: Any, run_dir: Path) -> Iterator[Path]:
+    """The run directory on the main process; elsewhere a temporary directory, removed after.
+    For steps that write files beside their work (DPO's precomputed reference): written once."""
+    if accelerator.is_main_process:
+        yield run_dir
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ftkit-process-") as tmp:
+        yield Path(tmp)
 
 
 def describe(accelerator: Any, recipe: Any) -> str:
@@ -489,19 +559,19 @@ def rank_slice(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank * n // world : (rank + 1) * n // world])
 
 
-def rank_examples(examples: Sequence[Any], indices: Sequence[int], rank: int, world: int) -> list[Any]:
-    """The examples of this process's slice of a global micro-batch.
+def rank_examples(examples: Sequence[Any], indices: Sequence[int], rank: int, world: int) -> tuple[list[Any], float]:
+    """(examples, weight) of this process's slice of a global micro-batch.
 
     A global batch smaller than the number of processes (the last one of an epoch can be)
     leaves some slices empty. Such a process still runs one forward/backward, because every
-    process must join the same collectives, on a zero-weight copy of the batch's last
-    example: all labels -100, so it adds no loss units, no loss and no gradient.
+    process must join the same collectives: on the batch's last example with weight 0,
+    which the loop applies to its loss, units, metrics and tokens, so it adds nothing. The
+    weight works for every objective (SFT examples, preference pairs ...).
     """
     part = rank_slice(indices, rank, world)
     if part:
-        return [examples[i] for i in part]
-    filler = examples[indices[-1]]
-    return [dataclasses.replace(filler, labels=[-100] * len(filler.labels))]
+        return [examples[i] for i in part], 1.0
+    return [examples[indices[-1]]], 0.0
 
 
 def loss_scale(accelerator: Any) -> int:

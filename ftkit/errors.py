@@ -24,6 +24,12 @@ class RecipeError(FtkitError):
         super().__init__("\n".join(self.problems))
 
 
+class ArgumentError(FtkitError):
+    """A command-line option is missing, conflicting or out of range; the message names it."""
+
+    exit_code = 2
+
+
 class DataError(FtkitError):
     """A problem in a data file, named as `file:line: what is wrong, what to do`."""
 

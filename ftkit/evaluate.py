@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import DataError, FtkitError
+from ftkit.errors import ArgumentError, DataError, FtkitError
 from ftkit.resolve import Target
 
 #: tokens each row may generate beyond its reference's length: room to show a model that does not stop
@@ -80,7 +80,7 @@ def load_eval_set(
         label, stem, source_file = data, Path(data).stem, data
     else:
         if recipe is None:
-            raise FtkitError(f"{target.spec} is not a run, so it has no validation set; pass --data FILE")
+            raise ArgumentError(f"{target.spec} is not a run, so it has no validation set; pass --data FILE")
         if recipe.data.format != fmt:
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"format": fmt})})
         examples = load_splits(recipe.data, tokenizer, recipe.train.seed).val[:max_samples]
@@ -188,7 +188,7 @@ def run_eval(
     """Evaluate `target` (and its base with `baseline`); return the result and write it for a run."""
     import torch
 
-    from ftkit.generate import Sampling, generate_texts, generate_with_vllm, vllm_can_serve, vllm_usable
+    from ftkit.generate import Sampling, VllmGenerator, generate_texts, vllm_can_serve, vllm_usable
     from ftkit.resolve import device_type, load_model, load_tokenizer
 
     started = time.perf_counter()
@@ -197,14 +197,14 @@ def run_eval(
     batch_size = batch_size or (target.recipe.train.batch_size if target.recipe else 8)
     backend = "vllm" if generation and vllm_usable() and vllm_can_serve(target) is None else "transformers"
     greedy = Sampling(temperature=0.0)
+    engine = VllmGenerator(target, tokenizer) if backend == "vllm" else None
 
     def generator(model: Any, use_adapter: bool) -> Any:
         if not generation:
             return None
-        if backend == "vllm":
-            return lambda prompts, budgets: generate_with_vllm(
-                target, tokenizer, prompts, greedy, budgets, use_adapter=use_adapter
-            )
+        # the engine holds the tuned weights; it serves the base only by leaving out the LoRA request
+        if engine is not None and (use_adapter or target.is_adapter):
+            return lambda prompts, budgets: engine.generate(prompts, greedy, budgets, use_adapter=use_adapter)
         return lambda prompts, budgets: generate_texts(model, tokenizer, prompts, greedy, batch_size, budgets)
 
     model = load_model(target, tokenizer)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, ModelError
+from ftkit.errors import ArgumentError, ModelError
 
 REPORT_FILE = "extract_report.json"
 #: ‖Δ‖ / ‖W‖ below this counts as unchanged (float32 round-off of a saved and reloaded tensor is ~1e-7)
@@ -61,7 +61,7 @@ def extract_lora(
     from ftkit.resolve import load_model, load_tokenizer, resolve_target
 
     if (rank is None) == (energy is None):
-        raise FtkitError("give exactly one of --rank and --energy")
+        raise ArgumentError("give exactly one of --rank and --energy")
     started = time.perf_counter()
     out = Path(out)
     tuned_target = resolve_target(tuned)
@@ -97,7 +97,7 @@ def extract_lora(
             if rel > UNCHANGED_REL:
                 others.append({"tensor": name, "relative_change": rel})
     if not factors:
-        raise FtkitError(f"--tuned: {tuned} has the same linear weights as {base}; there is nothing to extract")
+        raise ModelError(f"--tuned: {tuned} has the same linear weights as {base}; there is nothing to extract")
     ranks = {name: f["r"] for name, f in factors.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     other_modules = sorted({o["tensor"].rpartition(".")[0] for o in others}) if keep_other else None

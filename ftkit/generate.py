@@ -18,9 +18,10 @@ Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature), cut 
 smallest set of tokens whose probability reaches top_p, sampled from torch's generator
 seeded with `seed` once per call, so the same inputs, seed and batch size give the same text.
 
-vLLM is used when it is importable and a CUDA GPU is present (`vllm_usable()`); it gets
-the exact prompt token ids and the adapter as a LoRA request. Otherwise transformers'
-`generate` runs, on any device.
+vLLM is used when it is importable and a CUDA GPU is present (`vllm_usable()`) and the
+adapter is one its LoRA support loads (`vllm_can_serve`); it gets the exact prompt token ids
+and the adapter as a LoRA request, and prints a single prompt's completion when it is done
+(no token streaming). Otherwise transformers' `generate` runs, on any device.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ftkit.errors import DataError, FtkitError
+from ftkit.errors import ArgumentError, DataError
 
 
 @dataclass
@@ -181,47 +182,55 @@ def vllm_usable() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def generate_with_vllm(
-    target: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    sampling: Sampling,
-    max_new_tokens: Sequence[int] | None = None,
-    use_adapter: bool = True,
-) -> list[str]:
-    """Completions through vLLM: the base as the engine, the adapter as a LoRA request.
+class VllmGenerator:
+    """A vLLM engine on the target's base, holding the adapter as a LoRA request.
 
-    Prompts are passed as token ids so the engine sees exactly the tokens transformers
-    would (vLLM would otherwise tokenize the text and may add a second BOS).
+    One engine serves both the tuned model (with the LoRA request) and the base (without),
+    so `--baseline` needs no second engine on the GPU. Prompts are passed as token ids, so
+    the engine sees exactly the tokens transformers would (vLLM would otherwise tokenize the
+    text and may add a second BOS).
     """
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
 
-    adapter_rank = _adapter_rank(target.weights) if target.is_adapter and use_adapter else None
-    engine = LLM(
-        model=target.base if target.is_adapter else target.weights,
-        tokenizer=target.tokenizer_source,
-        enable_lora=adapter_rank is not None,
-        max_lora_rank=max(adapter_rank or 8, 8),
-        seed=sampling.seed,
-        quantization="bitsandbytes" if target.model_cfg.quantization is not None else None,
-    )
-    budgets = list(max_new_tokens) if max_new_tokens is not None else [sampling.max_new_tokens] * len(prompts)
-    params = [
-        SamplingParams(
-            temperature=max(sampling.temperature, 0.0),
-            top_p=sampling.top_p,
-            max_tokens=budget,
-            seed=sampling.seed,
-            stop_token_ids=[tokenizer.eos_token_id],
-            skip_special_tokens=True,
+    def __init__(self, target: Any, tokenizer: Any, seed: int = 0):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.tokenizer = tokenizer
+        rank = _adapter_rank(target.weights) if target.is_adapter else None
+        self.engine = LLM(
+            model=target.base if target.is_adapter else target.weights,
+            tokenizer=target.tokenizer_source,
+            enable_lora=rank is not None,
+            max_lora_rank=max(rank or 8, 8),
+            seed=seed,
+            quantization="bitsandbytes" if target.model_cfg.quantization is not None else None,
         )
-        for budget in budgets
-    ]
-    requests = [{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts)]
-    lora = LoRARequest("ftkit-adapter", 1, target.weights) if adapter_rank is not None else None
-    outputs = engine.generate(requests, params, lora_request=lora)
-    return [out.outputs[0].text for out in outputs]
+        self.lora = LoRARequest("ftkit-adapter", 1, target.weights) if rank is not None else None
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        max_new_tokens: Sequence[int] | None = None,
+        use_adapter: bool = True,
+    ) -> list[str]:
+        from vllm import SamplingParams
+
+        budgets = list(max_new_tokens) if max_new_tokens is not None else [sampling.max_new_tokens] * len(prompts)
+        params = [
+            SamplingParams(
+                temperature=max(sampling.temperature, 0.0),
+                top_p=sampling.top_p,
+                max_tokens=budget,
+                seed=sampling.seed,
+                stop_token_ids=[self.tokenizer.eos_token_id],
+                skip_special_tokens=True,
+            )
+            for budget in budgets
+        ]
+        requests = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
+        outputs = self.engine.generate(requests, params, lora_request=self.lora if use_adapter else None)
+        return [out.outputs[0].text for out in outputs]
 
 
 def _adapter_rank(adapter_dir: str) -> int:
@@ -251,7 +260,7 @@ def read_stdin_items(stream: TextIO) -> tuple[list[str | dict], bool]:
     lines = [(n, line.rstrip("\n")) for n, line in enumerate(stream, start=1)]
     lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
-        raise FtkitError("no prompts: give --prompt TEXT or pipe prompts on stdin (one per line, or JSONL)")
+        raise ArgumentError("no prompts: give --prompt TEXT or pipe prompts on stdin (one per line, or JSONL)")
     is_jsonl = all(line.lstrip().startswith("{") for _, line in lines)
     if not is_jsonl:
         return [line for _, line in lines], False
@@ -287,7 +296,7 @@ def run_generate(
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if prompt is None and stdin.isatty():
-        raise FtkitError("no prompts: give --prompt TEXT or pipe prompts on stdin (one per line, or JSONL)")
+        raise ArgumentError("no prompts: give --prompt TEXT or pipe prompts on stdin (one per line, or JSONL)")
     items, is_jsonl = ([prompt], False) if prompt is not None else read_stdin_items(stdin)
     tokenizer = load_tokenizer(target)
     fmt = target.data_format
@@ -297,7 +306,7 @@ def run_generate(
     ]
     use_vllm = vllm_usable() and vllm_can_serve(target) is None
     if use_vllm:
-        completions = generate_with_vllm(target, tokenizer, prompts, sampling)
+        completions = VllmGenerator(target, tokenizer, sampling.seed).generate(prompts, sampling)
         if prompt is not None:
             stdout.write(completions[0] + "\n")
     else:

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, ModelError, RunDirError, VerificationError
+from ftkit.errors import ArgumentError, FtkitError, ModelError, RunDirError, VerificationError
 from ftkit.resolve import Target
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
@@ -80,7 +80,7 @@ def parse_size(text: str | int | None) -> int | None:
         return text
     match = _SIZE.match(text)
     if not match:
-        raise FtkitError(f"{text!r} is not a size; write it like 2GB, 500MB or 1048576")
+        raise ArgumentError(f"{text!r} is not a size; write it like 2GB, 500MB or 1048576")
     number, unit = float(match.group(1)), match.group(2).upper()
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 

@@ -34,13 +34,9 @@ def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
 
 
-def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
-    """Write a random-init built-in model (config, safetensors, tokenizer) to `out_dir`.
-
-    The weights are a pure function of (name, seed), so two runs with one seed share a base.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def builtin_config(name: str, tokenizer: Any = None) -> Any:
+    """The LlamaConfig of a built-in model (its vocabulary is the byte tokenizer's)."""
+    from transformers import LlamaConfig
 
     from ftkit.tokenizer import build_byte_tokenizer
 
@@ -48,8 +44,8 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
     if key not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
         raise ModelError(f"model.name: unknown built-in model {name!r}; known: {known}")
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(
+    tokenizer = tokenizer or build_byte_tokenizer()
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
@@ -58,6 +54,20 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
         tie_word_embeddings=False,
         **BUILTIN_MODELS[key],
     )
+
+
+def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
+    """Write a random-init built-in model (config, safetensors, tokenizer) to `out_dir`.
+
+    The weights are a pure function of (name, seed), so two runs with one seed share a base.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ftkit.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    config = builtin_config(name, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -153,6 +163,8 @@ def build_model(
 
     _quiet_transformers()
     source = cfg.name
+    if is_adapter_dir(Path(source).expanduser()):
+        return _merge_adapter(cfg, Path(source).expanduser(), device_type, seed, base_dir, tokenizer)
     if is_builtin(source):
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="ftkit-base-"))
@@ -163,6 +175,7 @@ def build_model(
         _check_remote_code(local, cfg)
     elif Path(source).suffix or source.startswith((".", "/", "~")):
         raise ModelError(f"model.name: {source} is neither a local model directory nor a hub id")
+    check_attention(cfg, device_type)
     kwargs = _load_kwargs(cfg, device_type)
     if cfg.trust_remote_code:
         import sys
@@ -180,10 +193,74 @@ def build_model(
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # true or "offload" (ftkit.losses moves the kept inputs to CPU)
+        # non-reentrant: works with frozen inputs (LoRA) and with save_on_cpu's hooks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer, str(local.resolve()) if is_local else source
+
+
+def check_attention(cfg: ModelSection, device_type: str) -> None:
+    """ModelError naming model.attn_implementation when its kernel cannot run here."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if device_type != "cuda" or not is_flash_attn_2_available():
+        raise ModelError(
+            "model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install flash-attn); use sdpa, which needs neither"
+        )
+
+
+def compile_layers(model: Any) -> int:
+    """Compile every decoder layer in place (`nn.Module.compile`); returns how many.
+
+    Per layer rather than the whole model: the layers are identical, so one compiled graph
+    serves them all (compile time does not grow with depth), and the loss, the optimizer
+    and peft's wrapper stay in eager mode, where data-dependent shapes cost no recompiles.
+    """
+    from ftkit.methods.freeze import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter directory (adapter_config.json, no config.json), such as a LoRA run's final/."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _merge_adapter(
+    cfg: ModelSection, adapter_dir: Path, device_type: str, seed: int, base_dir: Path | None, tokenizer: Any
+) -> tuple[Any, Any, str]:
+    """`model.name` is an adapter (e.g. an SFT run's final/): its base with the adapter merged in.
+
+    So a second stage (DPO after SFT) starts from the fine-tuned model, and its reference
+    (the new adapter disabled) is that model. The merged weights are saved to `base_dir` (the
+    run's base/), which the new adapter's config points to, so it loads without ftkit.
+    """
+    from peft import PeftModel
+
+    if cfg.quantization is not None:
+        raise ModelError(
+            f"model.name: {adapter_dir} is an adapter, which cannot be merged into a 4-bit base; "
+            "use method.name: lora (16/32-bit base) for this stage"
+        )
+    base_name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"model.name: {adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    model, tokenizer, _ = build_model(cfg.model_copy(update={"name": base_name}), device_type, seed, None, tokenizer)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"model.name: cannot apply the adapter {adapter_dir}: {str(err).splitlines()[0]}") from err
+    out = base_dir if base_dir is not None else Path(tempfile.mkdtemp(prefix="ftkit-base-"))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer, str(out.resolve())
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

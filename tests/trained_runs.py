@@ -2,7 +2,8 @@
 
 Each run is trained once per test session, on first use, through `ftkit train` as a user
 runs it (micro-llama, the tiny extraction task). The LoRA run keeps checkpoints for
-`--checkpoint`; the QLoRA run is short because 4-bit matmuls are slow on CPU.
+`--checkpoint`; the QLoRA run also trains lm_head whole (modules_to_save), as the quickstart
+does, and is short because 4-bit matmuls are slow on CPU.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from tests.helpers import make_recipe, run_cli
 RUN_CASES: dict[str, dict] = {
     "lora": {
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"lr": 1e-2, "max_steps": 15, "save_every": 5, "samples": 0},
+        "train": {"lr": 1e-2, "max_steps": 10, "save_every": 4, "samples": 0},
     },
     "qlora": {
-        "method": {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"lr": 1e-2, "max_steps": 8, "samples": 0},
+        "method": {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]},
+        "train": {"lr": 1e-2, "max_steps": 6, "samples": 0},
     },
-    "full": {"method": {"name": "full"}, "train": {"lr": 3e-3, "max_steps": 15, "samples": 0}},
+    "full": {"method": {"name": "full"}, "train": {"lr": 3e-3, "max_steps": 12, "samples": 0}},
 }
 
 

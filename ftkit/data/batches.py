@@ -11,12 +11,15 @@ from ftkit.data.encode import IGNORE, Example
 MEGA_BATCHES = 64  # batches per sorting window: wide enough to group lengths, narrow enough to stay random
 
 
-def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def batch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
     """The batches of one epoch as lists of example indices; a pure function of (lengths, batch_size, seed, epoch).
 
     1. permute all indices with random.Random seeded from (seed, epoch);
     2. cut the permutation into windows of 64 * batch_size and sort each window by length,
-       longest first, so a batch holds similar lengths and little padding;
+       longest first, so a batch holds similar lengths and little padding (with
+       `group_by_length` false, nothing is sorted: the plain shuffled order);
     3. cut each window into batches of batch_size (the last batch of the epoch may be smaller;
        it is kept) and shuffle the order of all batches with the same generator.
     Every index appears exactly once. Resuming mid-epoch = recompute and skip the batches done.
@@ -24,10 +27,12 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) 
     rng = random.Random(f"ftkit-batch-order:{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = MEGA_BATCHES * batch_size
+    window = (MEGA_BATCHES if group_by_length else 1) * batch_size
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        chunk = order[start : start + window]
+        if group_by_length:
+            chunk = sorted(chunk, key=lambda i: lengths[i], reverse=True)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -36,7 +41,9 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     """input_ids, attention_mask and labels as int64 tensors, right-padded to the longest example.
 
-    Padding has input id `pad_id`, attention 0 and label -100 (never trained).
+    Padding has input id `pad_id`, attention 0 and label -100 (never trained). Packed rows
+    (examples with `position_ids`) also get `position_ids`; their padding counts 0, 1, ...
+    as one more sequence of its own, so it never joins the last real one.
     """
     import torch
 
@@ -49,4 +56,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(ex.position_ids is not None for ex in examples):
+        position_ids = torch.arange(width, dtype=torch.long).repeat(len(examples), 1)
+        for row, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            own = ex.position_ids if ex.position_ids is not None else range(n)
+            position_ids[row, :n] = torch.tensor(list(own), dtype=torch.long)
+            position_ids[row, n:] = torch.arange(width - n)
+        batch["position_ids"] = position_ids
+    return batch

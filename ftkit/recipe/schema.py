@@ -36,7 +36,8 @@ class ModelSection(Section):
 
     name: str = Field(
         "builtin:tiny-llama",
-        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama).",
+        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama); "
+        "or an adapter directory (a LoRA run's final/), merged into its base: a second stage such as DPO after SFT.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = Field(
@@ -49,10 +50,16 @@ class ModelSection(Section):
         False, description="Run Python code shipped with a hub model. Off unless you trust its authors."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+        "sdpa",
+        description="Attention kernel passed to transformers; flash_attention_2 needs flash-attn and a CUDA GPU.",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: much less memory, ~30% more compute."
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False,
+        description="Recompute activations in backward: much less memory, ~30% more compute. "
+        "offload: also keep each layer's saved input in CPU memory.",
+    )
+    torch_compile: bool = Field(
+        False, description="Compile each decoder layer with torch.compile (faster steps after a slow first one)."
     )
 
 
@@ -67,9 +74,10 @@ class DataSection(Section):
     val_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train held out for validation (seeded) when val is not given."
     )
-    format: Literal["alpaca", "chat", "text"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference"] = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text.",
+        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text; "
+        "preference: prompt/chosen/rejected pairs (for objective.name dpo, ipo, orpo, simpo).",
     )
     max_length: int = Field(
         1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted."
@@ -78,6 +86,11 @@ class DataSection(Section):
         False, description="Also train on prompt tokens; by default only the completion is in the loss."
     )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (first N).")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each max_length row (no attention across them): "
+        "far less padding on mixed lengths; a step then holds batch_size rows.",
+    )
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataSection:
@@ -86,11 +99,57 @@ class DataSection(Section):
         return self
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+#: beta when the recipe gives none: the values of the papers and of TRL's defaults
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+#: SimPO's target margin gamma as a fraction of beta when not given (SimPO paper: gamma/beta ≈ 0.5)
+SIMPO_GAMMA_RATIO = 0.5
+
+
+class ObjectiveSection(Section):
+    """What training minimises: next-token cross-entropy (sft) or a preference loss on chosen/rejected pairs."""
+
+    name: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        "sft",
+        description="sft: cross-entropy on the answers; dpo, ipo, orpo, simpo: preference losses "
+        "(need data.format: preference).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="dpo/ipo: strength of the pull towards the reference (default 0.1); orpo: weight λ of the "
+        "odds-ratio term (default 0.1); simpo: reward scale (default 2.0).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo, simpo: assumed probability that a pair's preference is flipped (conservative DPO).",
+    )
+    gamma: float | None = Field(None, ge=0.0, description="simpo only: target reward margin; default 0.5 × beta.")
+    reference: Literal["auto", "precompute", "none"] = Field(
+        "auto",
+        description="dpo/ipo reference model. auto: the base with the adapter disabled (adapter methods, no copy) or a "
+        "frozen copy (full/freeze); precompute: reference log-probs computed once before training into the run dir; "
+        "none: only for orpo/simpo, which need no reference.",
+    )
+
+    @property
+    def is_preference(self) -> bool:
+        return self.name in PREFERENCE_OBJECTIVES
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in ("dpo", "ipo")
+
+
 class TrainSection(Section):
     """The optimisation: steps, batch geometry, optimizer, schedule, cadence."""
 
     lr: float | None = Field(
-        None, gt=0, description="Peak learning rate; default 1e-5 for full/freeze, 1e-4 for adapter methods."
+        None,
+        gt=0,
+        description="Peak learning rate; default: the method's (1e-5 full/freeze, 1e-4 LoRA; `ftkit methods NAME`).",
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -121,6 +180,23 @@ class TrainSection(Section):
     )
     max_skips: int = Field(
         10, ge=0, description="With on_nonfinite: skip, stop anyway once more than this many steps were skipped."
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding); shuffled within windows."
+    )
+
+
+class PerfSection(Section):
+    """How the loss is computed and which extra kernels run: speed and memory, never the maths."""
+
+    loss_chunk_size: int | None = Field(
+        256,
+        ge=1,
+        description="Tokens whose logits are computed at once in the loss, so full fp32 logits never exist; "
+        "null = from the model's full logits.",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger's fused linear cross-entropy for the loss (CUDA; pip install liger-kernel)."
     )
 
 
@@ -160,7 +236,11 @@ class Recipe(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
     method: MethodSection = Field(..., description="How the model is adapted (method.name picks the family).")
     data: DataSection = Field(..., description="The examples.")
+    objective: ObjectiveSection = Field(
+        default_factory=ObjectiveSection, description="What training minimises (sft, or a preference loss)."
+    )
     train: TrainSection = Field(default_factory=TrainSection, description="The optimisation.")
+    perf: PerfSection = Field(default_factory=PerfSection, description="Loss computation and kernels.")
     distributed: DistributedSection = Field(
         default_factory=DistributedSection, description="Several processes / GPUs (ignored by a one-process launch)."
     )
@@ -213,6 +293,12 @@ class Recipe(Section):
             raise ValueError(f"distributed.sharding: applies to strategy fsdp, not {s}; remove it")
         if d.deepspeed_config is not None and s != "deepspeed":
             raise ValueError(f"distributed.deepspeed_config: applies to strategy deepspeed, not {s}; remove it")
+        o = self.objective
+        if s != "ddp" and o.needs_reference and o.reference == "auto" and not self.method.is_adapter:
+            raise ValueError(
+                f"objective.reference: auto keeps a frozen copy of the whole model, which distributed.strategy {s} "
+                "cannot take from its shards; use objective.reference: precompute (or distributed.strategy: ddp)"
+            )
         if s == "deepspeed" and self.train.save_every is not None:
             raise ValueError(
                 "train.save_every: ftkit writes no checkpoints under distributed.strategy deepspeed (DeepSpeed's own "
@@ -233,6 +319,58 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _objective_fits_data(self) -> Recipe:
+        objective, data = self.objective, self.data
+        if objective.is_preference and data.format != "preference":
+            raise ValueError(
+                f"objective.name: {objective.name} learns from chosen/rejected pairs; set data.format: preference "
+                "(rows with prompt, chosen, rejected)"
+            )
+        if data.format == "preference" and not objective.is_preference:
+            raise ValueError(
+                "data.format: preference pairs need a preference objective; set objective.name: dpo "
+                "(or ipo, orpo, simpo)"
+            )
+        if data.format == "preference" and data.train_on_prompt:
+            raise ValueError("data.train_on_prompt: preference losses compare the answers only; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_fit_objective(self) -> Recipe:
+        objective = self.objective
+        name = objective.name
+        if name == "sft" and objective.beta is not None:
+            raise ValueError("objective.beta: sft has no beta; remove it or set objective.name: dpo (ipo, orpo, simpo)")
+        if objective.label_smoothing and name not in ("dpo", "simpo"):
+            raise ValueError(f"objective.label_smoothing: only dpo and simpo use it, not {name}; remove it")
+        if objective.gamma is not None and name != "simpo":
+            raise ValueError(f"objective.gamma: only simpo has a target margin, not {name}; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_fits_objective(self) -> Recipe:
+        objective = self.objective
+        if objective.needs_reference and objective.reference == "none":
+            raise ValueError(
+                f"objective.reference: {objective.name} needs a reference model; use auto or precompute "
+                "(or objective.name: orpo / simpo, which need none)"
+            )
+        if not objective.needs_reference and objective.reference == "precompute":
+            raise ValueError(f"objective.reference: {objective.name} uses no reference model; remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _fill_objective_defaults(self) -> Recipe:
+        objective = self.objective
+        if objective.is_preference and objective.beta is None:
+            objective.beta = DEFAULT_BETA[objective.name]
+            self._notes.append(f"objective.beta: {objective.beta:g}, the default for {objective.name}")
+        if objective.name == "simpo" and objective.gamma is None:
+            objective.gamma = SIMPO_GAMMA_RATIO * objective.beta
+            self._notes.append(f"objective.gamma: {objective.gamma:g} = 0.5 × beta (SimPO paper)")
+        return self
+
+    @model_validator(mode="after")
     def _fill_method_defaults(self) -> Recipe:
         if self.method.needs_4bit and self.model.quantization is None:
             self.model.quantization = Quantization()
@@ -241,6 +379,14 @@ class Recipe(Section):
             self.train.lr = type(self.method).default_lr
             self._notes.append(
                 f"train.lr: {self.train.lr:g}, the default for method {self.method.name} "
-                "(full 1e-5, adapters 1e-4: Anyscale Llama-2 fine-tuning study)"
+                f"({type(self.method).default_lr_reason})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_recipe(self) -> Recipe:
+        # after the defaults are filled: a method may depend on them (qlora's quantization)
+        problems = self.method.recipe_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self

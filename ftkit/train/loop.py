@@ -20,7 +20,7 @@ from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
-from ftkit.train.objective import SFT
+from ftkit.train.objective import PENALTY, SFT
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TrainState:
     micro_step: int = 0  # forward/backward passes done
     tokens_seen: int = 0  # non-pad input tokens processed
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (on_nonfinite: skip)
+    train_s: float = 0.0  # seconds inside optimizer steps (no eval, no checkpoint writing)
     best_val_loss: float | None = None
     best_step: int | None = None
     last_val_loss: float | None = None
@@ -44,23 +45,31 @@ class TrainState:
 
 @dataclass
 class Hooks:
-    """What the loop calls out to; every member is optional."""
+    """What the loop calls out to; every member is optional.
+
+    Step hooks get the number of optimizer steps done, the current one included (1-based).
+    `before_zero_grad` runs right after `optimizer.step()`, while the step's gradients are
+    still there (AdaLoRA scores importance from them); `after_step` once the step is complete.
+    """
 
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
+    before_zero_grad: Sequence[Callable[[int], None]] = ()  # method hooks that need the step's gradients
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
     should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, state: TrainState) -> Iterator[list[int]]:
+def micro_batches(
+    examples: Sequence[Example], batch_size: int, seed: int, state: TrainState, group_by_length: bool = True
+) -> Iterator[list[int]]:
     """Endless stream of micro-batches (lists of example indices) from where `state` stands.
 
     The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
     Advances `state.epoch` / `state.batch_in_epoch` as batches are handed out.
     """
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     while True:
-        order = batch_order(lengths, batch_size, seed, state.epoch)
+        order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
         for position in range(state.batch_in_epoch, len(order)):
             state.batch_in_epoch = position + 1
             yield order[position]
@@ -89,17 +98,17 @@ def evaluate(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     total, units, metric_sums = 0.0, 0, {}
     for start in range(0, len(order), batch_size * world):
         chunk = order[start : start + batch_size * world]
-        batch = objective.collate(distributed.rank_examples(examples, chunk, rank, world), pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        part, weight = distributed.rank_examples(examples, chunk, rank, world)  # weight 0: nothing of it here
+        batch = {k: v.to(device) for k, v in objective.collate(part, pad_id).items()}
         loss, metrics = objective.loss_sum(model, batch)
-        total += float(loss)
-        units += objective.units(batch)
+        total += weight * float(loss)
+        units += weight * objective.units(batch)
         for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
     model.train(was_training)
     if world > 1:
         keys = sorted(metric_sums)
@@ -146,7 +155,7 @@ def train_loop(
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
-    stream = micro_batches(train_examples, cfg.batch_size * world, cfg.seed, state)
+    stream = micro_batches(train_examples, cfg.batch_size * world, cfg.seed, state, cfg.group_by_length)
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
     model.train()
     while state.step < total_steps:
@@ -155,26 +164,27 @@ def train_loop(
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's relative group LR (LoRA+: B at λ·lr)
 
-        # Gather the window first: the loss normaliser is the unit count of the whole window.
-        window = [
-            objective.collate(distributed.rank_examples(train_examples, next(stream), rank, world), pad_id)
-            for _ in range(cfg.grad_accum)
-        ]
-        window_units = max(int(distributed.global_sums(accelerator, [sum(objective.units(b) for b in window)])[0]), 1)
+        # Gather the window first: the loss normaliser is the unit count of the whole window
+        # (of all processes). Each micro-batch has a weight: 0 for a process with no example of it.
+        parts = [distributed.rank_examples(train_examples, next(stream), rank, world) for _ in range(cfg.grad_accum)]
+        window = [(objective.collate(part, pad_id), weight) for part, weight in parts]
+        local_units = sum(weight * objective.units(batch) for batch, weight in window)
+        window_units = max(int(distributed.global_sums(accelerator, [local_units])[0]), 1)
         loss_sum, input_tokens, metric_sums = 0.0, 0, {}
-        for i, batch in enumerate(window):
+        for i, (batch, weight) in enumerate(window):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with distributed.micro_step(accelerator, model, is_last=i == len(window) - 1):
                 with accelerator.autocast():
                     loss, metrics = objective.loss_sum(model, batch)
-                    loss = loss / window_units
+                    loss = loss * weight / window_units
                 distributed.backward(accelerator, loss * distributed.loss_scale(accelerator))
-            loss_sum += float(loss.detach())
+            # `loss` is the data loss; a method's penalty (PENALTY metric) trains but is reported apart
+            loss_sum += float(loss.detach()) - weight * float(metrics.get(PENALTY, 0.0)) / window_units
             for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
-            input_tokens += int(batch["attention_mask"].sum())
+                metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value) / window_units
+            input_tokens += int(weight * int(batch["attention_mask"].sum()))
             state.micro_step += 1
         if world > 1:  # every process must see the same loss: the non-finite check below decides for all
             keys = sorted(metric_sums)
@@ -192,6 +202,8 @@ def train_loop(
         is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if is_finite:
             optimizer.step()
+            for hook in hooks.before_zero_grad:
+                hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
         if not is_finite:
             what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
@@ -210,6 +222,7 @@ def train_loop(
                 hook(state.step)
 
         elapsed = time.perf_counter() - started
+        state.train_s += elapsed
         if not is_finite:  # an event, logged whatever log_every says; no "loss" key keeps it off the curves
             hooks.log(
                 {
@@ -242,7 +255,9 @@ def train_loop(
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = val_loss, state.step
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
-            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record["val_loss"] = val_loss
+            if getattr(objective, "reports_perplexity", True):
+                record["val_ppl"] = math.exp(min(val_loss, 50.0))
             record |= {f"val_{key}": value for key, value in val.items() if key != "loss"}
             state.history.append(record)
             hooks.log(record)

@@ -41,6 +41,7 @@ RUN_ENTRIES = (
     "loss.png",
     "report.md",
     "samples.jsonl",
+    "reference_logps.safetensors",
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step
 END_ENTRIES = ("final", "samples.jsonl")
@@ -147,8 +148,10 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
     from ftkit import distributed
     from ftkit.data import load_splits
-    from ftkit.methods import get_method
-    from ftkit.models import build_model, count_parameters
+    from ftkit.data.packing import pack_examples
+    from ftkit.losses import CausalLMLoss, check_kernels
+    from ftkit.methods import RunInfo, get_method
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
@@ -167,6 +170,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     )
     from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
+    from ftkit.train.objective import SFT, Regularized
     from ftkit.train.progress import Progress
     from ftkit.train.signals import StopSignals, exit_code
 
@@ -183,7 +187,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     tokenizer = load_tokenizer(recipe)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
     data_sha256 = resuming.data_hashes(recipe.data)
-    total_steps = total_steps_for(cfg, len(splits.train), accelerator.num_processes)
+    train_examples = splits.train
+    if recipe.data.packing:
+        train_examples, _ = pack_examples(splits.train, recipe.data.max_length, cfg.seed)
+    total_steps = total_steps_for(cfg, len(train_examples), accelerator.num_processes)
+    check_kernels(recipe.perf.kernels, device_type)
+    check_attention(recipe.model, device_type)
+    _warn_if_plan_exceeds_device(recipe, device_type)
 
     with RunLock(run_dir) as lock:
         resume_from, saved, created = None, {}, False
@@ -219,18 +229,44 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                 model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
             )
         method = get_method(recipe.method.name)
+        run_info = RunInfo(
+            total_steps=total_steps,
+            train=cfg,
+            examples=splits.train,
+            pad_id=tokenizer.pad_token_id,
+            device=accelerator.device,
+        )
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-        model = method.apply(model, recipe.method)
+        model = method.apply(model, recipe.method, run_info)
+        method_hooks = method.hooks(model, recipe.method, run_info)
+        distributed.check_method_hooks(accelerator, recipe, method_hooks)
+        if recipe.model.torch_compile:
+            compile_layers(model)
         trainable, total = count_parameters(model)
         log(
             f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
-            f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples · "
+            f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
+            f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
             f"{total_steps} steps · {accelerator.device}{distributed.describe(accelerator, recipe)}"
         )
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        # wraps or shards model and optimizer, and loads their state from `resume_from` if given
-        model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer, resume_from)
+        if method_hooks.optimizer is not None:
+            optimizer = method_hooks.optimizer(cfg)
+        else:
+            optimizer = build_optimizer(
+                method_hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg
+            )
+        model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
+        objective, objective_facts = SFT(CausalLMLoss.from_recipe(recipe)), {}
+        if recipe.objective.is_preference:
+            from ftkit.train.preference import prepare_objective
+
+            with distributed.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
+                objective, objective_facts = prepare_objective(
+                    recipe, unwrapped, splits, where, accelerator.device, tokenizer.pad_token_id
+                )
+        if method_hooks.regularizer is not None:
+            objective = Regularized(objective, method_hooks.regularizer)
         checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
         try:
             if is_main:
@@ -243,6 +279,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
         state = TrainState()
         if resume_from is not None:
+            distributed.restore(accelerator, resume_from, model, optimizer)  # resuming.restore, shard-aware
             state = resuming.state_from(saved)
             log(f"resuming from {resume_from}: step {state.step} of {total_steps}, epoch {state.epoch}")
         wall_before = float(saved.get("wall_s", 0.0))
@@ -279,6 +316,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             log=(lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r))) if is_main else (lambda r: None),
             checkpoint=checkpoint,
             should_stop=should_stop,
+            before_zero_grad=method_hooks.before_zero_grad,
+            after_step=method_hooks.after_step,
         )
         status = "completed"
         if resume_from is not None:
@@ -294,7 +333,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                         train_loop(
                             model,
                             optimizer,
-                            splits.train,
+                            train_examples,
                             splits.val,
                             cfg,
                             total_steps,
@@ -302,6 +341,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             accelerator,
                             tokenizer.pad_token_id,
                             hooks,
+                            objective=objective,
                         )
                     if state.step < total_steps:  # a signal stopped the loop at a step boundary
                         if last_saved["step"] != state.step:
@@ -314,10 +354,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                         )
                     _assert_finite(unwrapped)
                     to_save, _ = distributed.gathered(accelerator, model)  # every process
-                    if is_main:
+                    if is_main and method_hooks.save_final is not None:
+                        method_hooks.save_final(unwrapped, run_dir / "final")  # never sharded: check_method_hooks
+                        tokenizer.save_pretrained(run_dir / "final")
+                    elif is_main:
                         save_weights(to_save, tokenizer, run_dir / "final")
-                        if base is not None and recipe.method.is_adapter:
-                            _point_adapter_to(run_dir / "final", base)
+                    if is_main and base is not None and recipe.method.is_adapter:
+                        _point_adapter_to(run_dir / "final", base)
                     # every process generates (a sharded model gathers in forward), so all must agree
                     if cfg.samples and splits.val and not distributed.any_process(accelerator, stop.requested):
                         device = accelerator.device
@@ -347,37 +390,44 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             if metrics is not None:
                 metrics.close()
             wall_s = wall_before + time.perf_counter() - started
-            facts = {
-                "status": status,
-                "model": recipe.model.name,
-                "method": recipe.method.name,
-                "trainable_params": trainable,
-                "total_params": total,
-                "trainable_pct": 100 * trainable / max(total, 1),
-                "train_examples": len(splits.train),
-                "val_examples": len(splits.val),
-                "truncated": {
-                    "train": splits.stats.get("truncated_train", 0),
-                    "val": splits.stats.get("truncated_val", 0),
-                },
-                "train_target_tokens": splits.stats.get("train_target_tokens"),
-                "tokens_seen": state.tokens_seen,
-                "steps": state.step,
-                "skipped_steps": state.skipped_steps,
-                "epochs": state.epoch
-                + state.batch_in_epoch / max(1, -(-len(splits.train) // (cfg.batch_size * accelerator.num_processes))),
-                "wall_s": wall_s,
-                "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
-                "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                "device": _device_name(accelerator.device),
-                "optimizer": cfg.optimizer,
-                "lr": cfg.lr,
-                "batch_size": cfg.batch_size,
-                "grad_accum": cfg.grad_accum,
-                "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
-                "processes": accelerator.num_processes,
-                "strategy": recipe.distributed.strategy,
-            }
+            facts = (
+                {
+                    "status": status,
+                    "model": recipe.model.name,
+                    "method": recipe.method.name,
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "trainable_pct": 100 * trainable / max(total, 1),
+                    "train_examples": len(splits.train),
+                    "val_examples": len(splits.val),
+                    "truncated": {
+                        "train": splits.stats.get("truncated_train", 0),
+                        "val": splits.stats.get("truncated_val", 0),
+                    },
+                    "train_target_tokens": splits.stats.get("train_target_tokens"),
+                    "tokens_seen": state.tokens_seen,
+                    "steps": state.step,
+                    "skipped_steps": state.skipped_steps,
+                    "epochs": state.epoch
+                    + state.batch_in_epoch
+                    / max(1, -(-len(train_examples) // (cfg.batch_size * accelerator.num_processes))),
+                    "wall_s": wall_s,
+                    "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
+                    "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                }
+                | speed_facts(recipe, train_examples, state, accelerator.device)
+                | {
+                    "device": _device_name(accelerator.device),
+                    "optimizer": cfg.optimizer,
+                    "lr": cfg.lr,
+                    "batch_size": cfg.batch_size,
+                    "grad_accum": cfg.grad_accum,
+                    "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
+                    "processes": accelerator.num_processes,
+                    "strategy": recipe.distributed.strategy,
+                }
+                | objective_facts
+            )
             try:
                 summary = write_report(run_dir, facts) if is_main else {}
             except OSError as err:  # e.g. the disk filled up: never hide the failure that brought us here
@@ -438,6 +488,47 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
         f"train.batch_size={max(1, cfg.batch_size // 2)} with train.grad_accum={cfg.grad_accum * 2} "
         "(same examples per step), model.gradient_checkpointing: true, or method.name: qlora (4-bit base)"
     )
+
+
+def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -> dict:
+    """summary.json's speed facts: step-time tokens/s, peak memory (CPU: RSS), MFU on a known GPU,
+    and how much of each micro-batch is real tokens (packing efficiency)."""
+    import resource
+
+    from ftkit.data import batch_order
+    from ftkit.data.packing import padding_efficiency
+    from ftkit.plan import mfu
+
+    cfg = recipe.train
+    lengths = [len(ex.input_ids) for ex in train_examples]
+    batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
+    train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
+    return {
+        "train_tokens_per_s": train_tokens_per_s,
+        "train_s": state.train_s,
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory, weights included
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "mfu": mfu(recipe, train_tokens_per_s, device) if train_tokens_per_s else None,
+        "packing": {
+            "enabled": recipe.data.packing,
+            "rows": len(train_examples),
+            "efficiency": padding_efficiency(lengths, batches),  # real tokens / row tokens, epoch 0
+        },
+    }
+
+
+def _warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
+    """Before any weight is loaded: warn when `ftkit plan` expects more memory than the GPU has."""
+    if device_type != "cuda":
+        return
+    import torch
+
+    from ftkit.plan import memory_warning
+
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    warning = memory_warning(recipe, capacity)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _mixed_precision(name: str) -> str:

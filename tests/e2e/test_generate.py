@@ -50,4 +50,4 @@ def test_plain_lines_in_one_completion_per_line_out(trained_runs, monkeypatch):
 def test_no_prompt_is_an_error(trained_runs, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     code, out, err = run_cli("generate", str(trained_runs["full"]))
-    assert code == 1 and out == "" and "--prompt" in err
+    assert code == 2 and out == "" and "--prompt" in err

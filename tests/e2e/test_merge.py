@@ -86,42 +86,51 @@ def test_lora_merge_equals_base_plus_adapter(lora_merged):
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(report["files"])
 
 
-def test_qlora_merge_into_16_bit_within_documented_tolerance(trained_runs, tmp_path):
+@pytest.fixture(scope="module")
+def qlora_merged(trained_runs, tmp_path_factory) -> tuple[Path, Path, dict]:
+    run = trained_runs["qlora"]
+    out = tmp_path_factory.mktemp("merge") / "qlora-merged"
+    return run, out, merge(run, out)
+
+
+def test_qlora_merge_into_16_bit_within_documented_tolerance(qlora_merged, tmp_path):
     from ftkit.merge import TRAINED_VAL_LOSS_TOLERANCE
 
-    run = trained_runs["qlora"]
-    report = merge(run, tmp_path / "q16")
+    run, out, report = qlora_merged
     assert "16/32-bit base" in report["merge_target"] and not report["from_quantized"]
     batch = val_batch(run)
-    merged = logits(assert_plain_model_without_lora(tmp_path / "q16"), batch)
-    # the merge itself: against the same fp32 base + adapter, fp32 tolerance
+    merged = logits(assert_plain_model_without_lora(out), batch)
+    # the merge itself: against the same fp32 base + adapter (lm_head trained whole), fp32 tolerance
     assert (merged - logits(base_plus_adapter(run), batch)).abs().max() <= 1e-4
     # against the model as trained (NF4 base + adapter) only the val loss is held, to its tolerance
     trained = report["vs_trained"]
     assert trained["passed"] and abs(trained["val_loss_diff"]) <= TRAINED_VAL_LOSS_TOLERANCE
     assert (merged - logits(base_plus_adapter(run, quantized=True), batch)).abs().max() > 1e-3  # NF4 rounding
 
-    exact = merge(run, tmp_path / "qdq", "--from-quantized")
+    exact = merge(run, tmp_path / "qdq", "--from-quantized", "--samples", "4")
     assert exact["from_quantized"] and "dequantized" in exact["merge_target"]
     assert exact["merge"]["max_abs_logit_diff"] <= 1e-4
     # merging into the weights it trained on lands closer to the trained model than the 16-bit base does
     assert exact["vs_trained"]["max_abs_logit_diff"] < trained["max_abs_logit_diff"]
 
 
-def test_shard_by_shard_merge_equals_in_memory_merge(lora_merged, tmp_path):
+def test_shard_by_shard_merge_equals_in_memory_merge(qlora_merged, tmp_path):
+    """Over the memory budget the merge streams tensor by tensor (LoRA deltas and lm_head trained
+    whole) and verifies with layers offloaded to disk; the weights equal the in-memory merge."""
     from safetensors.torch import load_file
 
-    run, in_memory, _ = lora_merged
+    run, in_memory, _ = qlora_merged
     out = tmp_path / "streamed"
-    report = merge(run, out, "--max-memory", "64KB", "--max-shard-size", "100KB")
-    assert report["shard_by_shard"] and report["merge"]["passed"]
+    report = merge(run, out, "--max-memory", "64KB", "--max-shard-size", "100KB", "--samples", "4")
+    assert report["shard_by_shard"] and report["merge"]["passed"] and report["vs_trained"]["passed"]
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     expected = load_file(in_memory / "model.safetensors")
     streamed = {}
     for file in out.glob("model-*.safetensors"):
         streamed |= load_file(file)
     assert streamed.keys() == expected.keys()
-    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+    # the same float32 sums in the same order: bit-identical except where peft orders them differently
+    assert max(float((streamed[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
 
 
 def test_refusals_leave_everything_untouched(trained_runs, lora_merged, tmp_path):
@@ -131,7 +140,7 @@ def test_refusals_leave_everything_untouched(trained_runs, lora_merged, tmp_path
         ((str(trained_runs["full"]), "--out", str(tmp_path / "x")), 2, "nothing to merge"),
         ((str(run), "--out", str(out)), 2, "--overwrite"),
         ((str(run), "--out", str(run / "final" / "merged")), 2, "overlaps the adapter"),
-        ((str(run), "--out", str(tmp_path / "y"), "--checkpoint", "step-3"), 2, "step-5, step-10"),
+        ((str(run), "--out", str(tmp_path / "y"), "--checkpoint", "step-3"), 2, "step-4, step-8"),
         ((str(trained_runs["lora"] / "final"), "--out", str(tmp_path / "z"), "--from-quantized"), 2, "not 4-bit"),
     ):
         exit_code, stdout, err = run_cli("merge", *args)
@@ -144,7 +153,7 @@ def test_refusals_leave_everything_untouched(trained_runs, lora_merged, tmp_path
 def test_failed_verification_writes_nothing(lora_merged, tmp_path):
     run, _, _ = lora_merged
     out = tmp_path / "strict"
-    code, stdout, err = run_cli("merge", str(run), "--out", str(out), "--tolerance", "1e-12")
+    code, stdout, err = run_cli("merge", str(run), "--out", str(out), "--tolerance", "1e-12", "--samples", "2")
     assert code == 1 and stdout == ""
     assert "verification failed" in err
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory

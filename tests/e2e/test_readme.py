@@ -43,8 +43,14 @@ def test_quickstart_commands_run(tmp_path, monkeypatch):
     assert code == 0 and "builtin:tiny-llama" in out
     run_dir = tmp_path / "quickstart"
     code, out, err = run_cli(
-        "train", "recipes/quickstart.yaml", "--set", "train.max_steps=3", "--set", "train.samples=1",
-        "--output-dir", str(run_dir),
+        "train",
+        "recipes/quickstart.yaml",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.samples=1",
+        "--output-dir",
+        str(run_dir),
     )
     assert code == 0, err
     assert out == ""

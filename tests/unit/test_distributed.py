@@ -13,7 +13,6 @@ from ftkit import distributed
 from ftkit.data import Example, batch_order
 from ftkit.errors import RecipeError
 from ftkit.recipe import dump_recipe, parse_recipe
-from ftkit.train.objective import SFT
 
 BASE = "method: {name: lora}\ndata: {train: t.jsonl}\n"
 GB = 1e9
@@ -47,12 +46,12 @@ def test_two_ranks_see_the_batches_of_one_process_with_twice_the_batch_size():
             assert sorted(parts[0] + parts[1]) == sorted(single)
 
 
-def test_an_empty_slice_gets_a_zero_weight_filler():
+def test_an_empty_slice_runs_an_example_with_weight_zero():
     examples = [Example([1, 5, 6, 7], [-100, 5, 6, 7], "a:1"), Example([1, 8, 9], [-100, 8, 9], "a:2")]
-    filled = distributed.rank_examples(examples, [1], rank=0, world=2)  # one example, two processes
-    assert distributed.rank_examples(examples, [1], rank=1, world=2) == [examples[1]]
-    assert len(filled) == 1 and filled[0].input_ids == examples[1].input_ids
-    assert SFT().units(SFT().collate(filled, pad_id=0)) == 0  # no loss units, so no loss and no gradient
+    # one example for two processes: process 1 has it, process 0 runs it too with weight 0
+    assert distributed.rank_examples(examples, [1], rank=0, world=2) == ([examples[1]], 0.0)
+    assert distributed.rank_examples(examples, [1], rank=1, world=2) == ([examples[1]], 1.0)
+    assert distributed.rank_examples(examples, [0, 1], rank=0, world=1) == (examples, 1.0)
 
 
 # --------------------------------------------------------------------------- DeepSpeed config

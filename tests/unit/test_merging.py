@@ -96,3 +96,14 @@ def test_config_problems_are_cited_by_line(tmp_path):
     text = "\n".join(err.value.problems)
     assert f"{path}:2: modles: unknown key (did you mean models?)" in text
     assert f"{path}:3: density:" in text
+
+
+def test_readme_merge_config_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("```yaml\nmethod: ties", 1)[1].split("```", 1)[0]
+    path = tmp_path / "merge.yaml"
+    path.write_text("method: ties" + block)
+    config = load_merge_config(path)
+    assert config.method == "ties" and [m.weight for m in config.models] == [0.6, 0.4] and config.density == 0.5

@@ -1,0 +1,499 @@
+"""`ftkit plan`: peak GPU memory and speed of a recipe, from the model's config alone.
+
+The model is built on the meta device (shapes, no weights, no download besides a hub
+model's config.json) and the recipe's method is applied to it, so parameter counts and
+trainable parameters are exact for every registered method. Memory is the sum of
+
+    weights      frozen base: dtype bytes, or NF4: 0.5 B + quantization constants per
+                 weight of a linear layer (64-weight blocks; fp32 absmax = 4/64 B, or with
+                 double quantization 8-bit absmax + fp32 per 256 blocks = 1/64 + 4/16384 B);
+                 embeddings, head and norms stay 16-bit (ftkit does not upcast them).
+                 Trainable weights in their own dtype: peft keeps adapters in fp32.
+    gradients    one per trainable weight, in its dtype.
+    optimizer    AdamW: two states in the weight's dtype (8 B/param for fp32 weights);
+                 bitsandbytes 8-bit: 2 B/param (+ blockwise constants); paged: the same
+                 bytes, in memory the driver may page to the CPU under pressure.
+    activations  bytes saved for backward per token per layer (see `layer_activation_bytes`);
+                 with checkpointing only each layer's input stays (on the CPU with
+                 offload) plus one layer recomputed at a time.
+    logits       full: every position's logits in 16 bits, their fp32 copy, the fp32
+                 log-softmax kept for backward and its gradient; chunked (ftkit's default):
+                 one chunk of them.
+
+16 B/param for mixed-precision AdamW full fine-tuning falls out of it (4 weight + 4 grad +
+8 optimizer), as does QLoRA's 65B on a 48 GB GPU (tests/unit/test_plan.py).
+
+Speed: model FLOPs per token are 6N for full fine-tuning and 4N for frozen weights
+(forward 2N, backward through activations 2N, weight gradients 2N only where weights
+train), N = weights in matmuls, plus attention (causal: 2·ctx·d per layer forward, ×3
+with backward). Checkpointing recomputes the forward. tokens/s = utilisation × peak
+FLOP/s / FLOPs actually executed; the utilisation is an assumption (`--utilisation`),
+stated in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ftkit.errors import FtkitError, ModelError
+from ftkit.recipe.schema import Recipe
+
+GIB = 2**30
+
+
+class PlanError(FtkitError):
+    """A plan option that cannot be honoured (an unknown --gpu)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int
+    bf16_tflops: float  # dense bf16 (fp16 on cards without bf16) tensor-core peak
+    has_bf16: bool = True
+
+
+#: published dense 16-bit tensor peaks (no sparsity); memory as the card is sold
+GPUS: dict[str, Gpu] = {
+    gpu.name: gpu
+    for gpu in (
+        Gpu("h100-80gb", 80 * GIB, 989.0),
+        Gpu("h100-pcie", 80 * GIB, 756.0),
+        Gpu("h200", 141 * GIB, 989.0),
+        Gpu("a100-80gb", 80 * GIB, 312.0),
+        Gpu("a100-40gb", 40 * GIB, 312.0),
+        Gpu("l40s", 48 * GIB, 362.0),
+        Gpu("a6000", 48 * GIB, 155.0),
+        Gpu("l4", 24 * GIB, 121.0),
+        Gpu("4090", 24 * GIB, 165.0),
+        Gpu("3090", 24 * GIB, 71.0),
+        Gpu("a10", 24 * GIB, 125.0),
+        Gpu("t4", 16 * GIB, 65.0, has_bf16=False),
+    )
+}
+DEFAULT_GPU = "h100-80gb"
+#: sustained fraction of peak on the FLOPs a step executes; a round figure between the plain
+#: transformers + peft stack (~17-34 % MFU on an H100, issue 9) and tuned stacks (~50 %)
+DEFAULT_UTILISATION = 0.4
+#: CUDA context, allocator fragmentation and workspace that `max_memory_allocated` does not see
+DEVICE_RESERVE_BYTES = GIB
+
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # by double_quant
+OPTIMIZER_BYTES_8BIT = 2 + 2 * 4 / 256  # two 8-bit states + fp32 absmax per 256-value block
+
+
+@dataclass
+class Plan:
+    """The estimate: counts, a memory breakdown (bytes), and speed at the stated utilisation."""
+
+    model: str
+    method: str
+    gpu: str
+    params_total: int
+    params_trainable: int
+    shape: dict[str, int]
+    tokens_per_micro_step: int
+    memory: dict[str, int]
+    peak_bytes: int
+    flops_per_token: float  # model FLOPs (no recompute): the MFU basis
+    executed_flops_per_token: float  # with recomputation
+    utilisation: float
+    tokens_per_s: float | None
+    mfu: float | None
+    steps: int | None
+    wall_s: float | None
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+    recipe_keys: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def advice(self) -> str:
+        """The recipe keys that lower the peak, largest saving first."""
+        keys = self.recipe_keys
+        tips = []
+        if not keys.get("gradient_checkpointing"):
+            tips.append("model.gradient_checkpointing: true")
+        elif keys.get("gradient_checkpointing") is True:
+            tips.append("model.gradient_checkpointing: offload")
+        if keys.get("batch_size", 1) > 1:
+            tips.append("a smaller train.batch_size with a larger train.grad_accum")
+        if keys.get("method") in ("full", "freeze"):
+            tips.append("method.name: lora or qlora")
+        elif keys.get("method") == "lora":
+            tips.append("method.name: qlora")
+        if keys.get("optimizer") in ("adamw", "paged_adamw_32bit"):
+            tips.append("train.optimizer: paged_adamw_8bit")
+        tips.append("a shorter data.max_length")
+        return "To fit, try " + "; ".join(tips) + "."
+
+
+def estimate(
+    recipe: Recipe, gpu: str | None = None, utilisation: float = DEFAULT_UTILISATION, n_examples: int | None = None
+) -> Plan:
+    """The plan of `recipe` on `gpu` (a key of GPUS; default: this machine's GPU, else h100-80gb)."""
+    import torch
+
+    spec = _gpu(gpu)
+    config = load_config(recipe)
+    model = _meta_model(config, recipe)
+    counts = _parameter_counts(model, config)
+    shape = _shape(config)
+
+    dtype_bytes = _weight_bytes(recipe.model.dtype, spec)
+    quant = recipe.model.quantization
+    mixed = recipe.train.mixed_precision != "no" and (recipe.train.mixed_precision != "auto" or spec.has_bf16)
+    act_bytes = 2 if (dtype_bytes == 2 or mixed) else 4  # activations in the autocast / weight dtype
+    trainable_bytes = counts["trainable_bytes_per_param"] or dtype_bytes
+
+    frozen = counts["total"] - counts["trainable"]
+    if quant is not None:
+        quantized = counts["linear_frozen"]
+        weights = quantized * NF4_BYTES[quant.double_quant] + (frozen - quantized) * act_bytes
+    else:
+        weights = frozen * dtype_bytes
+    weights += counts["trainable"] * trainable_bytes
+    gradients = counts["trainable"] * trainable_bytes
+    optimizer = counts["trainable"] * _optimizer_bytes(recipe.train.optimizer, trainable_bytes)
+
+    batch, length = recipe.train.batch_size, recipe.data.max_length
+    tokens = batch * length
+    per_layer = layer_activation_bytes(shape, act_bytes, recipe, counts["adapted_inputs"] // shape["layers"])
+    checkpointing = recipe.model.gradient_checkpointing
+    residual = tokens * shape["hidden"] * (4 if (mixed and dtype_bytes == 4) else act_bytes)
+    if not checkpointing:
+        activations = shape["layers"] * tokens * per_layer + residual
+    elif checkpointing == "offload":
+        activations = tokens * per_layer + 2 * residual  # one layer recomputed, inputs in flight
+    else:
+        activations = tokens * per_layer + shape["layers"] * residual
+    vocab = shape["vocab"]
+    chunk = recipe.perf.loss_chunk_size
+    trained_tokens = tokens  # upper bound: completion-only training computes fewer
+    if chunk is None or recipe.perf.kernels == "liger":
+        logits = trained_tokens * vocab * (act_bytes + 4 + 4 + 4)
+        if recipe.perf.kernels == "liger":
+            logits = min(trained_tokens, 4096) * vocab * (act_bytes + 4)
+    else:
+        # one chunk: fp32 logits (softmax in place) beside the 16-bit matmul output or gradient;
+        # plus the gradient of the hidden states kept for backward
+        logits = min(chunk, trained_tokens) * vocab * (act_bytes + 4) + trained_tokens * shape["hidden"] * act_bytes
+    dequant = 0
+    if quant is not None:
+        dequant = counts["largest_linear"] * act_bytes  # one weight dequantized at a time
+    memory = {
+        "weights": int(weights),
+        "gradients": int(gradients),
+        "optimizer": int(optimizer),
+        "activations": int(activations),
+        "logits": int(logits),
+        "dequantization": int(dequant),
+    }
+    peak = sum(memory.values())
+
+    flops, executed = flops_per_token(counts, shape, recipe, length)
+    tokens_per_s = utilisation * spec.bf16_tflops * 1e12 / executed if spec.bf16_tflops else None
+    mfu = tokens_per_s * flops / (spec.bf16_tflops * 1e12) if tokens_per_s else None
+    steps = _steps(recipe, n_examples)
+    wall_s = steps * recipe.train.grad_accum * tokens / tokens_per_s if steps and tokens_per_s else None
+
+    notes = [
+        f"tokens/s assume {utilisation:.0%} of the {spec.name}'s {spec.bf16_tflops:g} TFLOP/s on executed FLOPs",
+        "memory is what PyTorch allocates; the CUDA context and fragmentation need ~1 GiB more",
+        f"activations assume full {length}-token rows (packed or longest-in-batch)",
+    ]
+    if recipe.train.optimizer.startswith("paged"):
+        notes.append("paged optimizer states may move to CPU memory under pressure")
+    if recipe.data.packing or chunk is not None:
+        notes.append("logits: only positions with a label are computed; completion-only training needs less")
+    del torch
+    return Plan(
+        model=recipe.model.name,
+        method=recipe.method.name,
+        gpu=spec.name,
+        params_total=counts["total"],
+        params_trainable=counts["trainable"],
+        shape=shape,
+        tokens_per_micro_step=tokens,
+        memory=memory,
+        peak_bytes=int(peak),
+        flops_per_token=flops,
+        executed_flops_per_token=executed,
+        utilisation=utilisation,
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
+        steps=steps,
+        wall_s=wall_s,
+        fits=peak + DEVICE_RESERVE_BYTES <= spec.memory_bytes,
+        notes=notes,
+        recipe_keys={
+            "gradient_checkpointing": checkpointing,
+            "batch_size": batch,
+            "method": recipe.method.name,
+            "optimizer": recipe.train.optimizer,
+        },
+    )
+
+
+def layer_activation_bytes(shape: dict[str, int], act_bytes: int, recipe: Recipe, adapted_inputs: int) -> int:
+    """Bytes one decoder layer keeps for backward, per token (Llama-style block, SDPA/flash).
+
+    Each RMSNorm keeps its fp32 input copy and its 16-bit output (4h + s·h); attention keeps
+    q and k after RoPE, v and the output (s·(2h + 2kv)); the SwiGLU MLP keeps gate, up,
+    silu(gate) and their product (4·s·i). LoRA with dropout > 0 keeps, per adapted module,
+    the dropped copy of its input and the mask (s + 1 bytes per input feature).
+    """
+    h, i, kv, s = shape["hidden"], shape["intermediate"], shape["kv_dim"], act_bytes
+    norms = 2 * (4 * h + s * h)
+    attention = s * (2 * h + 2 * kv)
+    mlp = 4 * s * i
+    dropout = getattr(recipe.method, "dropout", 0.0) or 0.0
+    lora_dropout = (s + 1) * adapted_inputs if dropout > 0 else 0
+    return norms + attention + mlp + lora_dropout
+
+
+def flops_per_token(counts: dict, shape: dict, recipe: Recipe, length: int) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs) per trained token: the MFU basis, and with recomputation."""
+    n_matmul = counts["matmul"]
+    n_train = counts["matmul_trainable"]
+    attention_fwd = 2 * shape["layers"] * length * shape["attn_dim"]  # QKᵀ and AV, causal half, ×2 FLOPs
+    forward = 2 * n_matmul + attention_fwd
+    backward = 2 * n_matmul + 2 * n_train + 2 * attention_fwd
+    model = forward + backward
+    executed = model + (forward if recipe.model.gradient_checkpointing else 0)
+    return float(model), float(executed)
+
+
+def memory_warning(recipe: Recipe, capacity_bytes: int, gpu: str | None = None) -> str | None:
+    """The warning `ftkit train` prints before loading weights, or None when the plan fits.
+
+    Fits means: planned peak + ~1 GiB (CUDA context, fragmentation) <= the device's memory.
+    A model whose config cannot be read gives a note instead: a plan is advice, never a gate.
+    """
+    try:
+        plan = estimate(recipe, gpu)
+    except Exception as err:  # a method the planner cannot build on the meta device, an unreadable config
+        return f"note: no memory plan ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if plan.peak_bytes + DEVICE_RESERVE_BYTES <= capacity_bytes:
+        return None
+    return (
+        f"warning: ftkit plan expects {plan.peak_bytes / GIB:.1f} GiB at peak (+~1 GiB CUDA context); "
+        f"this GPU has {capacity_bytes / GIB:.1f} GiB. {plan.advice()}"
+    )
+
+
+def mfu(recipe: Recipe, tokens_per_s: float, device: Any) -> float | None:
+    """Model FLOPs utilisation of a finished run on a known CUDA GPU (None elsewhere or if unknown)."""
+    try:
+        if getattr(device, "type", None) != "cuda":
+            return None
+        spec = _detect_gpu()
+        if spec is None:
+            return None
+        plan = estimate(recipe, spec.name)
+        return tokens_per_s * plan.flops_per_token / (spec.bf16_tflops * 1e12)
+    except Exception:  # a figure for the summary must never fail a finished run
+        return None
+
+
+# ---------------------------------------------------------------- the model, on the meta device
+
+
+def load_config(recipe: Recipe) -> Any:
+    """The model's transformers config: built-in, local config.json, or a hub model's config.json."""
+    from pathlib import Path
+
+    from ftkit.models import builtin_config, is_builtin
+
+    cfg = recipe.model
+    if is_builtin(cfg.name):
+        return builtin_config(cfg.name)
+    from transformers import AutoConfig
+
+    local = Path(cfg.name).expanduser()
+    try:
+        return AutoConfig.from_pretrained(
+            str(local) if local.is_dir() else cfg.name,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local.is_dir(),
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name: cannot read the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+
+
+def _meta_model(config: Any, recipe: Recipe) -> Any:
+    import contextlib
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.methods import get_method
+
+    # the method decides what trains; inside the meta context peft builds (and "initialises")
+    # its adapters without memory or compute too
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        return get_method(recipe.method.name).apply(model, recipe.method)
+
+
+def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
+    """Totals by role: all, trainable, matmul weights (linear layers incl. the head), frozen
+    linear weights (what 4-bit quantizes) and the largest of them, input features feeding
+    adapters (all layers)."""
+    import torch
+
+    total = trainable = matmul = matmul_trainable = linear_frozen = largest = adapted_inputs = 0
+    trainable_dtypes = set()
+    head = model.get_output_embeddings()
+    seen = set()
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            trainable_dtypes.add(param.dtype)
+    head_names = [name for name, module in model.named_modules() if head is not None and module is head]
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        n = module.weight.numel()
+        matmul += n
+        in_head = any(name == h or name.startswith(h + ".") for h in head_names)
+        if module.weight.requires_grad:
+            matmul_trainable += n
+        elif not in_head and "lora_" not in name:
+            linear_frozen += n  # what 4-bit loading quantizes (never the head)
+            largest = max(largest, n)
+        if name.endswith("lora_A.default"):
+            adapted_inputs += module.in_features
+    bytes_per = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+    trainable_bytes = max((bytes_per.get(d, 4) for d in trainable_dtypes), default=0)
+    return {
+        "total": total,
+        "trainable": trainable,
+        "matmul": matmul,
+        "matmul_trainable": matmul_trainable,
+        "linear_frozen": linear_frozen,
+        "largest_linear": largest,
+        "adapted_inputs": adapted_inputs,
+        "trainable_bytes_per_param": trainable_bytes if _keeps_fp32(model) else 0,
+    }
+
+
+def _keeps_fp32(model: Any) -> bool:
+    """peft keeps adapter weights in fp32 whatever the base dtype (autocast_adapter_dtype)."""
+    return hasattr(model, "peft_config")
+
+
+def _shape(config: Any) -> dict[str, int]:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden": hidden,
+        "intermediate": getattr(config, "intermediate_size", 4 * hidden),
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "attn_dim": heads * head_dim,
+        "kv_dim": kv_heads * head_dim,
+        "vocab": config.vocab_size,
+    }
+
+
+def _weight_bytes(dtype: str, spec: Gpu) -> int:
+    if dtype == "auto":  # as ftkit.models.resolve_dtype on this GPU
+        return 2 if spec.has_bf16 else 4
+    return 4 if dtype == "float32" else 2
+
+
+def _optimizer_bytes(name: str, param_bytes: int) -> float:
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        return OPTIMIZER_BYTES_8BIT
+    if name == "paged_adamw_32bit":
+        return 8
+    return 2 * param_bytes  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+
+
+def _steps(recipe: Recipe, n_examples: int | None) -> int | None:
+    cfg = recipe.train
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if n_examples is None:
+        return None
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+
+
+def _gpu(name: str | None) -> Gpu:
+    if name is None:
+        return _detect_gpu() or GPUS[DEFAULT_GPU]
+    key = name.lower()
+    if key not in GPUS:
+        raise PlanError(f"--gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    return GPUS[key]
+
+
+def _detect_gpu() -> Gpu | None:
+    """This machine's GPU as a GPUS entry, matched by name and memory; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower().replace(" ", "")
+    memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    for key in ("h200", "h100", "a100", "l40s", "a6000", "l4", "4090", "3090", "a10", "t4"):
+        if key in name:
+            candidates = [g for g in GPUS.values() if g.name.startswith(key)]
+            if key == "h100" and "pcie" in name:
+                candidates = [GPUS["h100-pcie"]]
+            return min(candidates, key=lambda g: abs(g.memory_bytes - memory))
+    return None
+
+
+# ---------------------------------------------------------------- output
+
+
+def render_table(plan: Plan) -> str:
+    """The plan as an aligned text table (for stderr)."""
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    pct = 100 * plan.params_trainable / max(plan.params_total, 1)
+    lines = [
+        f"plan · {plan.model} · {plan.method} · {plan.gpu}",
+        f"  parameters       {plan.params_total:>16,}",
+        f"  trainable        {plan.params_trainable:>16,}  ({pct:.2f}%)",
+        f"  tokens/micro-step{plan.tokens_per_micro_step:>16,}",
+        "  memory",
+    ]
+    for key, value in plan.memory.items():
+        if value:
+            lines.append(f"    {key:<15}{gib(value)}")
+    lines.append(f"    {'peak':<15}{gib(plan.peak_bytes)}  ({'fits' if plan.fits else 'does NOT fit'} {plan.gpu})")
+    lines.append(f"  FLOPs/token      {plan.flops_per_token:16.3e}  (executed {plan.executed_flops_per_token:.3e})")
+    if plan.tokens_per_s:
+        lines.append(f"  tokens/s         {plan.tokens_per_s:16,.0f}  (MFU {plan.mfu:.0%})")
+    if plan.wall_s:
+        lines.append(f"  wall time        {_duration(plan.wall_s):>16}  ({plan.steps} steps)")
+    lines += [f"  note: {note}" for note in plan.notes]
+    if not plan.fits:
+        lines.append("  " + plan.advice())
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def to_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=2) + "\n"
