@@ -5,11 +5,12 @@ and that is an engine's job, never ftkit's:
 
     ddp        torch DistributedDataParallel (through accelerate): each process holds the
                whole model; gradients are averaged after the window's last backward.
-    fsdp       torch FSDP2 `fully_shard`: one shard unit per decoder layer plus the root;
-               weights, gradients and optimizer state split over the processes (ZeRO-3's
-               split). On GPUs through accelerate's FullyShardedDataParallelPlugin; on CPU
-               accelerate keeps FSDP to accelerators, so ftkit calls the same `fully_shard`
-               with the same units itself (that is how the tests run it, on gloo).
+    fsdp       torch FSDP2 `fully_shard`: one shard unit per decoder layer, the embeddings,
+               the final norm + head, and the root; weights, gradients and optimizer state
+               split over the processes (ZeRO-3's split). On GPUs through accelerate's
+               FullyShardedDataParallelPlugin; on CPU accelerate keeps FSDP to accelerators,
+               so ftkit calls the same `fully_shard` with the same units itself (that is how
+               the tests run it, on gloo).
     deepspeed  DeepSpeed ZeRO 1/2/3 through accelerate's DeepSpeedPlugin, with the config
                generated from the recipe (`deepspeed_config`): batch sizes and gradient
                accumulation have one source of truth.
@@ -19,24 +20,29 @@ The contract that makes N processes equal one:
 - Data. `train.batch_size` is per process (micro-batch per forward). The global order is
   still `batch_order(lengths, batch_size × N, seed, epoch)`: a pure function of (seed,
   epoch), the same on every process, and each process takes its contiguous slice of each
-  global micro-batch (`rank_slice`). So N processes × batch_size b see exactly the batches
-  of 1 process × batch_size N·b, nothing dropped or repeated, and a resume replays them.
+  global micro-batch (`rank_examples`). So N processes × batch_size b see exactly the
+  batches of 1 process × batch_size N·b, nothing dropped or repeated, and a resume replays them.
 - Loss. The window's loss units U (trained tokens for SFT) are summed over processes
   before the forward passes, so the normaliser is global; see `loss_scale` for why the
   loss is multiplied by N.
+- Decisions that change which collectives run next (stop at a step boundary, generate
+  samples) are taken by all processes together (`any_process`).
 - Writes. Only the main process writes the run directory (metrics, progress, checkpoints,
-  final/, report); states that are sharded are gathered first (`gathered`), which every
-  process must call.
+  final/, report); sharded state is gathered first (`gathered`), which every process must
+  call. Checkpoints also hold each process's torch generators and the process count.
 
     build_accelerator(recipe, mixed_precision)   Accelerator with the strategy's plugin
     prepare(accelerator, recipe, model, opt)     wrap / shard model and optimizer
+    restore(accelerator, path, model, opt)       resume their state, shard-aware
     deepspeed_config(recipe, world, precision)   the DeepSpeed JSON, from the recipe
     fsdp_plugin(recipe)                          accelerate's FSDP2 plugin, from the recipe
     rank_slice / rank_examples                   this process's part of a global micro-batch
-    global_sums(accelerator, values)             all-reduce of a few floats
+    global_sums / any_process                    all-reduce of a few floats / of a flag
     micro_step / backward                        one forward/backward of a window
     gathered(accelerator, model, optimizer)      full state on the main process, for saving
-    needs_launch / launch                        `ftkit train --nproc N` through torch.distributed.run
+    rank_rng_states / restore_rank_rng           each process's generators in the checkpoint
+    check_processes / check_method_hooks         refusals: another --nproc on resume, hooks on shards
+    needs_launch / launch / hand_over_failure    `ftkit train --nproc N` through torch.distributed.run
     sharded_state_bytes(...)                     per-GPU memory of weights/grads/optimizer (ZeRO split)
 
 Imports stay light at module level: the CLI imports this before deciding to spawn.
@@ -520,6 +526,11 @@ def _fully_shard_cpu(model: Any, recipe: Any, accelerator: Any) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         kwargs["mesh"] = init_device_mesh("cpu", _nodes(), mesh_dim_names=("replicate", "shard"))
+    # 4-bit weights packed in uint8 do not survive the conversion to DTensor (their quant_state
+    # is lost): like accelerate, keep them whole on every process and shard the rest
+    packed = {p for p in model.parameters() if type(p).__name__ == "Params4bit" and not p.is_floating_point()}
+    if packed:
+        kwargs["ignored_params"] = packed
     for module in list(model.modules()):
         if type(module).__name__ in layer_classes:
             fully_shard(module, **kwargs)

@@ -197,3 +197,86 @@ def test_resume_with_dropout_gives_each_process_its_own_generator_back(tmp_path,
     assert ftkit_subprocess("train", str(straight), "--nproc", "2").returncode == 0
     resumed = stop_and_resume(tmp_path, make_recipe(tmp_path, tiny_data, name="stopped", **sections))
     assert_identical_runs(tmp_path / "runs" / "straight", resumed)
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_keeps_the_4bit_base_whole_and_equals_one_process(tmp_path, tiny_data):
+    """QLoRA under FSDP: packed 4-bit weights stay whole on every process (they do not survive
+    sharding), the adapter is sharded; the run equals one process with the global batch."""
+    qlora = {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}
+    train = {"max_steps": 3, "lr": LR, "samples": 0}
+    one = make_recipe(tmp_path, tiny_data, name="one", method=qlora, train={**train, "batch_size": 4})
+    two = make_recipe(
+        tmp_path,
+        tiny_data,
+        name="two",
+        method=qlora,
+        train={**train, "batch_size": 2},
+        distributed={"strategy": "fsdp"},
+    )
+    code, _, err = run_cli("train", str(one))
+    assert code == 0, err
+    result = ftkit_subprocess("train", str(two), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    one_losses, one_vals = read_metrics(tmp_path / "runs" / "one")
+    two_losses, two_vals = read_metrics(tmp_path / "runs" / "two")
+    assert [r["loss"] for r in two_losses] == pytest.approx([r["loss"] for r in one_losses], abs=TOLERANCE)
+    assert two_vals[-1]["val_loss"] == pytest.approx(one_vals[-1]["val_loss"], abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_torchrun_started_by_the_user(tmp_path, tiny_data, ddp_run):
+    """`torchrun ... -m ftkit train RECIPE`: the same run as `ftkit train RECIPE --nproc 2`."""
+    recipe, reference, _ = ddp_run
+    copy = tmp_path / "ddp.yaml"
+    copy.write_text(recipe.read_text().replace(str(reference), str(tmp_path / "runs" / "ddp")))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*command, "-m", "ftkit", "train", str(copy)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert_identical_runs(reference, tmp_path / "runs" / "ddp")
+
+
+@pytest.mark.gpu
+def test_gpu_deepspeed_zero_offload_on_one_gpu(tmp_path, tiny_data):
+    """One GPU, tiny-llama LoRA: plain vs DeepSpeed ZeRO-2 (optimizer offload) vs ZeRO-3 (params
+    offload). Each completes and learns; tokens/s and peak memory are printed for the report."""
+    pytest.importorskip("deepspeed")
+    method = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    model = {"name": "builtin:tiny-llama"}
+    train = {"max_steps": 30, "batch_size": 8, "lr": 1e-3, "samples": 0}
+    variants = {
+        "plain": {},
+        "zero2-offload": {"strategy": "deepspeed", "zero_stage": 2, "offload": "optimizer"},
+        "zero3-offload": {"strategy": "deepspeed", "zero_stage": 3, "offload": "params"},
+    }
+    for name, dist in variants.items():
+        extra = {"distributed": dist} if dist else {}
+        recipe = make_recipe(tmp_path, tiny_data, name=name, model=model, method=method, train=train, **extra)
+        result = ftkit_subprocess("train", str(recipe))
+        assert result.returncode == 0, result.stderr
+        losses, _ = read_metrics(tmp_path / "runs" / name)
+        assert losses[-1]["loss"] < losses[0]["loss"]
+        facts = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["facts"]
+        print(f"{name}: {facts['tokens_per_s']:.0f} tokens/s, peak {facts['peak_mem_bytes'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp_two_gpus_equal_one(tmp_path, tiny_data):
+    """accelerate's FSDP2 plugin on 2 GPUs (fp32) follows one GPU with the global batch."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    train = {"max_steps": STEPS, "lr": LR, "samples": 1, "mixed_precision": "no"}
+    model = {"name": "builtin:micro-llama", "dtype": "float32"}
+    one = make_recipe(tmp_path, tiny_data, name="one", model=model, train={**train, "batch_size": 4})
+    two = make_recipe(
+        tmp_path, tiny_data, name="two", model=model, train={**train, "batch_size": 2}, distributed={"strategy": "fsdp"}
+    )
+    assert ftkit_subprocess("train", str(one)).returncode == 0
+    result = ftkit_subprocess("train", str(two), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path / "runs" / "one", tmp_path / "runs" / "two", "adapter_model.safetensors")
