@@ -446,7 +446,7 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
     import torch
 
     cfg = recipe.train
-    longest = max((len(ex.input_ids) for ex in splits.train), default=0)
+    longest = max((ex.length for ex in splits.train), default=0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -471,7 +471,7 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -
     from ftkit.plan import mfu
 
     cfg = recipe.train
-    lengths = [len(ex.input_ids) for ex in train_examples]
+    lengths = [ex.length for ex in train_examples]
     batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
     train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
     return {
