@@ -40,7 +40,24 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
     The weights are a pure function of (name, seed), so two runs with one seed share a base.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from ftkit.tokenizer import build_byte_tokenizer
+
+    config = builtin_config(name)
+    tokenizer = build_byte_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def builtin_config(name: str) -> Any:
+    """The LlamaConfig of a built-in model (byte tokenizer's vocabulary and special tokens)."""
+    from transformers import LlamaConfig
 
     from ftkit.tokenizer import build_byte_tokenizer
 
@@ -49,7 +66,7 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
         known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
         raise ModelError(f"model.name: unknown built-in model {name!r}; known: {known}")
     tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
@@ -58,13 +75,23 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
         tie_word_embeddings=False,
         **BUILTIN_MODELS[key],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+
+
+def load_model_config(cfg: ModelSection) -> Any:
+    """The model's transformers config alone (config.json, no weights): for checks before loading."""
+    from transformers import AutoConfig
+
+    if is_builtin(cfg.name):
+        return builtin_config(cfg.name)
+    local = Path(cfg.name).expanduser()
+    if local.is_dir():
+        _check_remote_code(local, cfg)
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name, trust_remote_code=cfg.trust_remote_code, local_files_only=local.is_dir(), revision=cfg.revision
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name: cannot load the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
 
 
 def resolve_dtype(name: str, device_type: str) -> Any:

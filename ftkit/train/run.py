@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, NonFiniteError, RunDirError
+from ftkit.errors import FtkitError, ModelError, NonFiniteError, RunDirError
 from ftkit.recipe.schema import Recipe
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
@@ -71,7 +71,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
 
     from ftkit.data import load_splits
     from ftkit.methods import RunInfo, get_method
-    from ftkit.models import build_model, count_parameters
+    from ftkit.models import build_model, count_parameters, load_model_config
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe
     from ftkit.report import write_report
@@ -92,12 +92,16 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: str | None = N
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
     total_steps = total_steps_for(cfg, len(splits.train))
 
+    method = get_method(recipe.method.name)
+    problems = method.model_problems(recipe.method, load_model_config(recipe.model))
+    if problems:  # before the run directory and before any weight is loaded
+        raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
+
     prepare_run_dir(run_dir, overwrite)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     model, tokenizer, base = build_model(
         recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
     )
-    method = get_method(recipe.method.name)
     run_info = RunInfo(
         total_steps=total_steps,
         train=cfg,

@@ -217,3 +217,21 @@ def test_generic_peft_entry_reports_every_bad_key_at_its_line():
 def test_generic_peft_entry_errors(method, expected):
     (problem,) = problems_of(f"method: {method}\n" + DATA)
     assert problem.startswith(f"recipe.yaml:1: {expected}"), problem
+
+
+def test_readme_method_commands_run(tmp_path):
+    """The README's method commands: listing, describing, and the worked VeRA recipe training
+    (one step, no validation set, so it stays a smoke test of the recipe as shipped)."""
+    readme = (ROOT / "README.md").read_text()
+    for command in ("ftkit methods ", "ftkit methods vera", "ftkit train recipes/methods/vera.yaml"):
+        assert command in readme
+    assert run_cli("methods")[0] == 0 and run_cli("methods", "vera")[0] == 0
+    overrides = ["train.max_steps=1", "train.samples=0", "data.val=null", "data.max_samples=16"]
+    args = [a for o in overrides for a in ("--set", o)]
+    code, out, err = run_cli(
+        "train", str(ROOT / "recipes/methods/vera.yaml"), *args, "--output-dir", str(tmp_path / "v")
+    )
+    assert (code, out) == (0, ""), err
+    assert (tmp_path / "v" / "final" / "adapter_config.json").is_file()
+    dora = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["method.name=dora"])
+    assert dora.method.name == "dora" and dora.method.r == 32  # the quickstart's LoRA keys carry over
