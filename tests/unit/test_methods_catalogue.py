@@ -226,7 +226,7 @@ def test_readme_method_commands_run(tmp_path):
     for command in ("ftkit methods ", "ftkit methods vera", "ftkit train recipes/methods/vera.yaml"):
         assert command in readme
     assert run_cli("methods")[0] == 0 and run_cli("methods", "vera")[0] == 0
-    overrides = ["train.max_steps=1", "train.samples=0", "data.val=null", "data.max_samples=16"]
+    overrides = ["train.max_steps=1", "train.samples=0", "data.val=null", "data.max_samples=4", "data.max_length=160"]
     args = [a for o in overrides for a in ("--set", o)]
     code, out, err = run_cli(
         "train", str(ROOT / "recipes/methods/vera.yaml"), *args, "--output-dir", str(tmp_path / "v")
