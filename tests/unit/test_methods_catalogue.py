@@ -150,7 +150,7 @@ def test_synonym_of_a_key_this_method_lacks_is_not_suggested():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("method: {name: qlora, init: pissa}\n", "recipe.yaml:1: method.init: pissa moves the top of W"),
+        ("method: {name: qlora, init: pissa}\n", "recipe.yaml:1: method.init: pissa moves part of W"),
         ("method: {name: lora, init: loftq}\n", "recipe.yaml:1: method.init: loftq sets B A to cancel"),
         ("method: {name: qdora, init: loftq}\n", "recipe.yaml:1: method.init: loftq with DoRA is not supported"),
         ("method: {name: dora, init: olora}\n", "recipe.yaml:1: method.init: olora with DoRA is not supported"),
@@ -166,9 +166,12 @@ def test_combinations_that_cannot_work_are_refused_naming_the_key(text, expected
     assert problem.startswith(expected) or expected in problem, problem
 
 
-def test_a_rule_cites_the_key_s_own_line():
-    problems = problems_of("data: {train: d.jsonl}\nmethod:\n  name: qlora\n  r: 8\n  init: pissa\n")
-    assert problems[0].startswith("recipe.yaml:5: method.init: pissa")
+def test_a_rule_cites_the_key_s_own_line_and_reports_every_problem():
+    problems = problems_of("data: {train: d.jsonl}\nmethod:\n  name: qdora\n  r: 8\n  init: pissa\n")
+    assert [p[:38] for p in problems] == [
+        "recipe.yaml:5: method.init: pissa move",
+        "recipe.yaml:5: method.init: pissa with",
+    ]
 
 
 # --- the generic peft entry ---------------------------------------------------------------------
