@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, Interrupted, NonFiniteError, ResourceError, RunDirError
+from ftkit.errors import FtkitError, Interrupted, ModelError, NonFiniteError, ResourceError, RunDirError
 from ftkit.recipe.schema import Recipe
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
@@ -149,7 +149,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     from ftkit.data.packing import pack_examples
     from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import RunInfo, get_method
-    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters, load_model_config
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
@@ -192,6 +192,11 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     check_attention(recipe.model, device_type)
     _warn_if_plan_exceeds_device(recipe, device_type)
 
+    method = get_method(recipe.method.name)
+    problems = method.model_problems(recipe.method, load_model_config(recipe.model))
+    if problems:  # before the run directory and before any weight is loaded
+        raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
+
     with RunLock(run_dir) as lock:
         resume_from, saved, created = None, {}, False
         if resume:
@@ -217,7 +222,6 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         model, tokenizer, base = build_model(
             recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
         )
-        method = get_method(recipe.method.name)
         run_info = RunInfo(
             total_steps=total_steps,
             train=cfg,
