@@ -225,3 +225,24 @@ def test_every_method_and_objective_trains(short_run):
     # mode, while step 1 runs in train mode: their first margin is near, not at, zero)
     if expected in ("disabled adapter", "frozen copy") or recipe.objective.reference == "precompute":
         assert train[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # step 1: policy = reference
+
+
+def test_readme_dpo_after_sft_commands_run(tmp_path, monkeypatch):
+    """README's `ftkit train recipes/quickstart.yaml` then `ftkit train recipes/dpo.yaml` on the shipped
+    data: two steps each, 8 val rows (evaluating all 100 would dominate the suite's time), the DPO recipe
+    pointed at this SFT run's adapter."""
+    root = Path(__file__).resolve().parents[2]
+    for name in ("quickstart", "preference"):
+        lines = (root / "data" / name / "val.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / f"{name}-val.jsonl").write_text("".join(lines[:8]))
+    monkeypatch.chdir(root)
+    short = ["--set", "train.max_steps=2", "--set", "train.samples=0"]
+    sft = ["--set", f"data.val={tmp_path / 'quickstart-val.jsonl'}", "--output-dir", str(tmp_path / "qs")]
+    code, out, err = run_cli("train", "recipes/quickstart.yaml", *short, *sft)
+    assert code == 0, err
+    dpo = ["--set", f"model.name={tmp_path / 'qs' / 'final'}", "--set", f"data.val={tmp_path / 'preference-val.jsonl'}"]
+    code, out, err = run_cli("train", "recipes/dpo.yaml", *short, *dpo, "--output-dir", str(tmp_path / "dpo"))
+    assert code == 0, err
+    assert out == ""
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert summary["facts"]["train_examples"] == 400 and summary["facts"]["reference"] == "disabled adapter"
