@@ -84,6 +84,12 @@ def load_model_config(cfg: ModelSection) -> Any:
     if is_builtin(cfg.name):
         return builtin_config(cfg.name)
     local = Path(cfg.name).expanduser()
+    if local.is_dir() and is_adapter_dir(local):
+        # an adapter (e.g. an SFT run's final/): the model is its base with the adapter merged in
+        base_name = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelError(f"model.name: {local}/adapter_config.json names no base_model_name_or_path")
+        return load_model_config(cfg.model_copy(update={"name": base_name}))
     if local.is_dir():
         _check_remote_code(local, cfg)
     try:
