@@ -8,7 +8,7 @@ auto) a no-grad forward of the same sequences with the adapter disabled. Rounds 
 the rounds is reported.
 
 Usage (repository root): python scripts/bench_preference_step.py [--steps 5] [--rounds 3] [--batch-size 8]
-Prints JSON: median seconds per step of each, and the DPO / SFT ratios.
+Prints JSON: median wall and CPU seconds per step of each, and the DPO / SFT ratios.
 """
 
 from __future__ import annotations
@@ -65,26 +65,35 @@ def main(argv: list[str] | None = None) -> int:
             reference = DisabledAdapter(model)
             attach(examples, compute_reference_logps(reference, examples, args.batch_size, 0, torch.device("cpu")))
             objective = PreferenceObjective(objective_cfg, Precomputed())
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         train_loop(model, optimizer, examples, [], cfg, args.steps, TrainState(), Accelerator(cpu=True),
                    tokenizer.pad_token_id, objective=objective)  # fmt: skip
-        return (time.perf_counter() - started) / args.steps
+        return (time.perf_counter() - started) / args.steps, (time.process_time() - cpu_started) / args.steps
 
     kinds = ("sft", "dpo", "dpo_precompute")
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    wall: dict[str, list[float]] = {kind: [] for kind in kinds}
+    cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            times[kind].append(timed(kind))
-    median = {kind: statistics.median(values) for kind, values in times.items()}
+            wall_s, cpu_s = timed(kind)
+            wall[kind].append(wall_s)
+            cpu[kind].append(cpu_s)
+    median = {kind: statistics.median(values) for kind, values in wall.items()}
+    median_cpu = {kind: statistics.median(values) for kind, values in cpu.items()}
     result = {
         "batch_size": args.batch_size,
         "steps": args.steps,
         "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
         "step_s": median,
-        "all_step_s": times,
+        # CPU seconds of this process (all its threads): less sensitive than wall time to other
+        # processes on a shared machine
+        "step_cpu_s": median_cpu,
+        "all_step_s": wall,
         "dpo_over_sft": median["dpo"] / median["sft"],
         "dpo_precompute_over_sft": median["dpo_precompute"] / median["sft"],
+        "cpu_dpo_over_sft": median_cpu["dpo"] / median_cpu["sft"],
+        "cpu_dpo_precompute_over_sft": median_cpu["dpo_precompute"] / median_cpu["sft"],
     }
     print(json.dumps(result, indent=2))
     return 0
