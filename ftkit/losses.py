@@ -102,6 +102,9 @@ def chunked_cross_entropy_sum(
     """
     keep = labels != ignore_index
     hidden, labels = hidden[keep], labels[keep]
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffers (a trainable head still says requires_grad)
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -77,6 +77,29 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
     return out_dir
 
 
+def load_model_config(cfg: ModelSection) -> Any:
+    """The model's transformers config alone (config.json, no weights): for checks before loading."""
+    from transformers import AutoConfig
+
+    if is_builtin(cfg.name):
+        return builtin_config(cfg.name)
+    local = Path(cfg.name).expanduser()
+    if local.is_dir() and is_adapter_dir(local):
+        # an adapter (e.g. an SFT run's final/): the model is its base with the adapter merged in
+        base_name = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelError(f"model.name: {local}/adapter_config.json names no base_model_name_or_path")
+        return load_model_config(cfg.model_copy(update={"name": base_name}))
+    if local.is_dir():
+        _check_remote_code(local, cfg)
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name, trust_remote_code=cfg.trust_remote_code, local_files_only=local.is_dir(), revision=cfg.revision
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name: cannot load the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+
+
 def resolve_dtype(name: str, device_type: str) -> Any:
     """`auto` → bfloat16 on a bf16-capable GPU, float32 elsewhere (CPU matmuls in bf16 are slow)."""
     import torch

@@ -37,8 +37,13 @@ METHOD_CASES: dict[str, dict] = {
         "method": {"name": "lora", **_LORA, "alpha": 8, "init": "olora"},
         "train": {"lr": 3e-3},
     },
-    "lora_plus": {"base": PRETRAINED, "method": {"name": "lora_plus", **_LORA, "lr_ratio": 4}, "train": {"lr": 3e-3}},
-    "lora_fa": {"base": PRETRAINED, "method": {"name": "lora_fa", **_LORA}, "train": {"lr": 1e-2}},
+    # save_every: a checkpoint mid-run holds these methods' own optimizer state (groups, LoRA-FA's)
+    "lora_plus": {
+        "base": PRETRAINED,
+        "method": {"name": "lora_plus", **_LORA, "lr_ratio": 4},
+        "train": {"lr": 3e-3, "save_every": 10},
+    },
+    "lora_fa": {"base": PRETRAINED, "method": {"name": "lora_fa", **_LORA}, "train": {"lr": 1e-2, "save_every": 10}},
     "vera": {"base": PRETRAINED, "method": {"name": "vera", "r": 64}, "train": {"lr": 3e-2}},
     "adalora": {
         "base": PRETRAINED,

@@ -3,7 +3,8 @@
 Adding a method touches its own module, one `register(...)` line below and one row
 in the shared test table (tests/methods_table.py); nothing in the loop, the CLI or
 the checkpoint code. A module provides `apply(model, config, run)` and may provide
-`hooks(model, config, run) -> MethodHooks` (see `ftkit.methods.base`).
+`hooks(model, config, run) -> MethodHooks` and `model_problems(config, model_config)`
+(see `ftkit.methods.base`).
 Importing this package must stay light (no torch, no peft).
 """
 
@@ -24,6 +25,12 @@ class MethodEntry:
 
     def apply(self, model: Any, config: MethodConfig, run: RunInfo | None = None) -> Any:
         return import_module(self.module).apply(model, config, run or RunInfo())
+
+    def model_problems(self, config: MethodConfig, model_config: Any) -> list[str]:
+        """What the method needs from the model and this one lacks, from its config alone (before any
+        weight is loaded); one `key.path: what to do` line each. Empty when the module has no check."""
+        fn = getattr(import_module(self.module), "model_problems", None)
+        return list(fn(config, model_config)) if fn is not None else []
 
     def hooks(self, model: Any, config: MethodConfig, run: RunInfo | None = None) -> MethodHooks:
         """The method's `MethodHooks` for `model` (already applied); empty when it has none."""

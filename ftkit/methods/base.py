@@ -5,6 +5,9 @@ discriminated by `name`) and
 
     apply(model, config, run: RunInfo) -> model        required: marks what trains
     hooks(model, config, run: RunInfo) -> MethodHooks  optional: what the method adds to a run
+    model_problems(config, model_config) -> [str]      optional: what the method needs from the
+                                                       model (a transformers config, no weights
+                                                       loaded yet), one `key: what to do` line each
 
 Methods know nothing about the loop; the loop knows nothing about methods. The
 registry (`ftkit.methods`) finds `hooks` when a module defines it, and `train/run.py`

@@ -95,28 +95,29 @@ class LoraConfig(MethodConfig):
         return self
 
     def recipe_problems(self, recipe: Any) -> list[str]:
-        quantized = recipe.model.quantization is not None
+        quantized, dora = recipe.model.quantization is not None, bool(self.peft_flags.get("use_dora"))
+        problems = []
         if self.init in ("pissa", "olora") and quantized:
-            return [
-                f"method.init: {self.init} moves the top of W into the adapter and leaves W − BA in the base, "
+            problems.append(
+                f"method.init: {self.init} moves part of W into the adapter and leaves W − BA in the base, "
                 "which cannot be 4-bit; use init kaiming on a 4-bit base, or drop model.quantization"
-            ]
-        if self.init == "loftq" and not quantized:
-            return [
-                "method.init: loftq sets B A to cancel the 4-bit quantization error of W, so it needs a 4-bit "
-                "base; use method.name: qlora"
-            ]
-        if self.init in ("pissa", "olora") and self.peft_flags.get("use_dora"):
-            return [
+            )
+        if self.init in ("pissa", "olora") and dora:
+            problems.append(
                 f"method.init: {self.init} with DoRA is not supported: final/ is saved as a plain LoRA on the "
                 "original base (ΔW = BA − B₀A₀), which has no place for DoRA's magnitude; use method.name: lora"
-            ]
-        if self.init == "loftq" and self.peft_flags.get("use_dora"):
-            return [
+            )
+        if self.init == "loftq" and not quantized:
+            problems.append(
+                "method.init: loftq sets B A to cancel the 4-bit quantization error of W, so it needs a 4-bit "
+                "base; use method.name: qlora"
+            )
+        if self.init == "loftq" and dora:
+            problems.append(
                 "method.init: loftq with DoRA is not supported: DoRA's magnitude is fixed before LoftQ sets "
                 "B A; use method.name: qlora, or init kaiming"
-            ]
-        return []
+            )
+        return problems
 
 
 class QloraConfig(LoraConfig):

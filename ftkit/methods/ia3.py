@@ -17,6 +17,29 @@ from ftkit.methods.base import RunInfo
 from ftkit.methods.configs import Ia3Config
 
 
+def model_problems(config: Ia3Config, model_config: Any) -> list[str]:
+    """With target_modules or feedforward_modules null, peft must know the architecture's choice."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+    )
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    kind = getattr(model_config, "model_type", None)
+    problems = []
+    for key, given, known in (
+        ("target_modules", config.target_modules, TARGETS),
+        ("feedforward_modules", config.feedforward_modules, FEEDFORWARD),
+    ):
+        if given is None and kind not in known:
+            problems.append(
+                f"method.{key}: peft has no (IA)³ default for model type {kind}; list the modules "
+                "(attention keys/values and the feed-forward output projection)"
+            )
+    return problems
+
+
 def apply(model: Any, config: Ia3Config, run: RunInfo) -> Any:
     import peft
 

@@ -6,8 +6,8 @@ activation-memory saving), and the optimizer holds state for B alone.
 
 With `projected_gradient` (default), B is updated by peft's `create_lorafa_optimizer`
 (an AdamW): it replaces B's gradient by g̃_B = (1/s²) · g_B (A₀ A₀ᵀ)⁻¹, the B-update whose
-ΔW is closest to full fine-tuning's gradient step in Frobenius norm (the paper's
-"LoRA-FA optimizer"). Without it, B trains with plain train.optimizer.
+ΔW = s · g̃_B A₀ is closest in Frobenius norm to the full fine-tuning gradient projected
+onto A₀'s row space. Without it, B trains with plain train.optimizer.
 """
 
 from __future__ import annotations

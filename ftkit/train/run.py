@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, Interrupted, NonFiniteError, ResourceError, RunDirError
+from ftkit.errors import FtkitError, Interrupted, ModelError, NonFiniteError, ResourceError, RunDirError
 from ftkit.recipe.schema import Recipe
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
@@ -151,7 +151,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     from ftkit.data.packing import pack_examples
     from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import RunInfo, get_method
-    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters, load_model_config
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
@@ -195,6 +195,11 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     check_attention(recipe.model, device_type)
     _warn_if_plan_exceeds_device(recipe, device_type)
 
+    method = get_method(recipe.method.name)
+    problems = method.model_problems(recipe.method, load_model_config(recipe.model))
+    if problems:  # before the run directory and before any weight is loaded
+        raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
+
     with RunLock(run_dir) as lock:
         resume_from, saved, created = None, {}, False
         if resume:
@@ -228,7 +233,6 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             model, tokenizer, base = build_model(
                 model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
             )
-        method = get_method(recipe.method.name)
         run_info = RunInfo(
             total_steps=total_steps,
             train=cfg,
@@ -415,7 +419,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                     "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
                     "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 }
-                | speed_facts(recipe, train_examples, state, accelerator.device)
+                | speed_facts(recipe, train_examples, state, accelerator.device, accelerator.num_processes)
                 | {
                     "device": _device_name(accelerator.device),
                     "optimizer": cfg.optimizer,
@@ -475,7 +479,7 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
     import torch
 
     cfg = recipe.train
-    longest = max((len(ex.input_ids) for ex in splits.train), default=0)
+    longest = max((ex.length for ex in splits.train), default=0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -490,9 +494,10 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
     )
 
 
-def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -> dict:
+def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any, processes: int = 1) -> dict:
     """summary.json's speed facts: step-time tokens/s, peak memory (CPU: RSS), MFU on a known GPU,
-    and how much of each micro-batch is real tokens (packing efficiency)."""
+    and how much of each micro-batch is real tokens (packing efficiency). Tokens/s count every
+    process; MFU is per GPU, so it divides them by the `processes` sharing the work."""
     import resource
 
     from ftkit.data import batch_order
@@ -500,7 +505,7 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -
     from ftkit.plan import mfu
 
     cfg = recipe.train
-    lengths = [len(ex.input_ids) for ex in train_examples]
+    lengths = [ex.length for ex in train_examples]
     batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
     train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
     return {
@@ -508,7 +513,7 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -
         "train_s": state.train_s,
         # ru_maxrss is in KiB on Linux: the process's peak resident memory, weights included
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "mfu": mfu(recipe, train_tokens_per_s, device) if train_tokens_per_s else None,
+        "mfu": mfu(recipe, train_tokens_per_s / processes, device) if train_tokens_per_s else None,
         "packing": {
             "enabled": recipe.data.packing,
             "rows": len(train_examples),

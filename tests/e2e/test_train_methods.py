@@ -214,3 +214,19 @@ def test_mutating_init_is_saved_as_a_plain_lora_of_rank_2r(runs, name):
     config = json.loads((run.run_dir / "final" / "adapter_config.json").read_text())
     assert config["r"] == 2 * METHOD_CASES[name]["method"]["r"]
     assert config["init_lora_weights"] is True
+
+
+@pytest.mark.parametrize("name", ["lora_plus", "lora_fa"])
+def test_checkpoint_holds_the_method_s_own_optimizer_groups(runs, name):
+    """LoRA+'s lr_scale groups and LoRA-FA's named-parameter AdamW survive the pickle-free checkpoint."""
+    from ftkit.train.checkpoint import load_optimizer_state
+
+    step = runs(name).run_dir / "checkpoints" / "step-10"
+    assert (step / "complete.json").is_file()
+    state = load_optimizer_state(step)
+    if name == "lora_plus":
+        assert [g["lr_scale"] for g in state["param_groups"]] == [1.0, METHOD_CASES[name]["method"]["lr_ratio"]]
+    else:
+        (group,) = state["param_groups"]
+        assert any("lora_B" in n for n in group["names"])
+        assert any(isinstance(key, str) and "lora" in key for key in state["state"])  # state keyed by A/B pair

@@ -58,7 +58,16 @@ def prepare_objective(
     reference = None
     if cfg.needs_reference:
         live = live_reference(model, recipe.method.is_adapter)
-        if cfg.reference == "precompute":
+        precompute = cfg.reference == "precompute"
+        if cfg.reference == "auto" and isinstance(live, DisabledAdapter) and not _starts_at_base(model, recipe):
+            # the reference is the policy at step 0; disabling this adapter does not give it back
+            print(
+                f"note: {recipe.method.name} does not start at the base model (virtual tokens or a "
+                "decomposed base), so the reference log-probs are precomputed from the initial policy",
+                file=sys.stderr,
+            )
+            precompute = True
+        if precompute:
             if isinstance(live, FrozenCopy):
                 live = ModelReference(model)  # the model is still untrained: no copy needed for one pass
             tensors = {}
@@ -82,6 +91,16 @@ def prepare_objective(
         "reference_params": reference.extra_params if reference is not None else 0,
     }
     return PreferenceObjective(cfg, reference), facts
+
+
+def _starts_at_base(model: Any, recipe: Recipe) -> bool:
+    """True when the untrained adapter leaves the base's outputs unchanged, so that the model
+    with its adapter disabled equals the initial policy. Prompt-learning adapters prepend
+    virtual tokens, and PiSSA/OLoRA move part of W into the adapter: both break it."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    return getattr(recipe.method, "init", None) not in ("pissa", "olora")
 
 
 def evaluate_preferences(
