@@ -179,11 +179,12 @@ def test_offload_moves_state_to_cpu_and_frozen_weights_split_only_at_stage_3():
         ("distributed: {strategy: fsdp, deepspeed_config: ds.json}\n", "distributed.deepspeed_config"),
         ("train: {optimizer: adamw_8bit}\ndistributed: {strategy: fsdp}\n", "train.optimizer"),
         ("train: {save_every: 10}\ndistributed: {strategy: deepspeed}\n", "train.save_every"),
+        ("objective: {name: dpo}\ndistributed: {strategy: fsdp}\n", "objective.reference"),
     ],
 )
 def test_keys_that_do_not_fit_the_strategy_are_named(text, key):
     with pytest.raises(RecipeError) as err:
-        recipe(text)
+        recipe(text, "method.name=full", "data.format=preference") if "dpo" in text else recipe(text)
     (problem,) = err.value.problems
     assert problem.startswith("recipe.yaml:") and f": {key}:" in problem
 
@@ -247,3 +248,19 @@ def test_resume_refuses_another_number_of_processes():
     distributed.check_processes(two, {"processes": 2})
     with pytest.raises(RunDirError, match=r"written by 1 process\(es\), this run has 2; .* resume with --nproc 1"):
         distributed.check_processes(two, {})  # a one-process checkpoint stores no count
+
+
+def test_method_hooks_that_need_whole_tensors_are_refused_when_sharded():
+    from ftkit.methods.base import MethodHooks
+
+    adalora_like = MethodHooks(before_zero_grad=[lambda step: None])
+    distributed.check_method_hooks(None, recipe(), adalora_like)  # ddp: every process has whole tensors
+    distributed.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), MethodHooks(param_groups=[]))
+    with pytest.raises(distributed.DistributedError, match=r"method.name: lora runs its own training hooks"):
+        distributed.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), adalora_like)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU only")
+def test_deepspeed_on_cpu_is_refused_naming_the_key():
+    with pytest.raises(distributed.DistributedError, match="distributed.strategy: deepspeed needs CUDA GPUs"):
+        distributed.build_accelerator(recipe("distributed: {strategy: deepspeed}\n"), "no")
