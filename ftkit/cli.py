@@ -63,6 +63,15 @@ def train(
             help="Continue the run in output_dir from its newest complete checkpoint, or from CHECKPOINT.",
         ),
     ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Start N processes on this machine (one per GPU) through torch.distributed.run; "
+            "recipe key distributed.strategy says how they share the model.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model as the recipe says; write the run directory.
 
@@ -73,9 +82,13 @@ def train(
 
     if checkpoint is not None and not resume:
         raise RunDirError(f"{checkpoint}: a checkpoint is only read with --resume: ftkit train RECIPE --resume PATH")
-    resolved = load_recipe(recipe, set_ or [])
+    resolved = load_recipe(recipe, set_ or [])  # a bad recipe fails here, before any process starts
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    from ftkit import distributed
+
+    if distributed.needs_launch(resolved, nproc):
+        sys.exit(distributed.launch(nproc or 1, sys.argv[1:]))  # SystemExit: click would swallow typer.Exit
     from ftkit.train.run import run_training
 
     run_training(resolved, overwrite=overwrite, resume=checkpoint if checkpoint is not None else resume)
@@ -123,6 +136,27 @@ def _count_examples(recipe) -> int | None:
     if recipe.train.max_steps is not None or recipe.data.packing or not Path(recipe.data.train).is_file():
         return None
     return min(len(read_rows(recipe.data.train)), recipe.data.max_samples or 1 << 62)
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="A method: show its recipe keys.")] = None,
+    peft_type: Annotated[
+        str | None, typer.Argument(help="With `peft`: a peft tuner type, to show its keys.", metavar="[TYPE]")
+    ] = None,
+) -> None:
+    """List the methods (`ftkit methods`), or one method's recipe keys (`ftkit methods vera`)."""
+    from ftkit.methods.catalogue import describe_method, describe_peft_type, list_methods
+
+    if peft_type is not None and name != "peft":
+        raise FtkitError(f"methods: a TYPE argument goes with `ftkit methods peft TYPE`, not with {name}")
+    if name is None:
+        text = list_methods()
+    elif peft_type is not None:
+        text = describe_peft_type(peft_type)
+    else:
+        text = describe_method(name)
+    sys.stdout.write(text)
 
 
 @app.command()
@@ -307,8 +341,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         message = str(err)
-        sys.stderr.write((f"{err.label}: {message}" if "\n" not in message else message) + "\n")
-        sys.exit(err.exit_code)
+        _fail((f"{err.label}: {message}" if "\n" not in message else message), err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -322,5 +355,13 @@ def main() -> None:
             sys.exit(err.exit_code)
         if _state["debug"]:
             raise
-        sys.stderr.write(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)\n")
-        sys.exit(1)
+        _fail(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
+
+
+def _fail(message: str, exit_code: int) -> None:
+    """Print the failure (one line) and exit; under several processes the launcher may print it instead."""
+    from ftkit.distributed import hand_over_failure
+
+    if not hand_over_failure(message, exit_code):
+        sys.stderr.write(message + "\n")
+    sys.exit(exit_code)

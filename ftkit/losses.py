@@ -102,6 +102,9 @@ def chunked_cross_entropy_sum(
     """
     keep = labels != ignore_index
     hidden, labels = hidden[keep], labels[keep]
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffers (a trainable head still says requires_grad)
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -179,7 +182,8 @@ class CausalLMLoss:
         return self.fallback_reason[key]
 
     def _from_logits(self, model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        logits = model(**inputs).logits[:, :-1, :]
+        # prompt-learning adapters prepend virtual tokens: the last T positions are the input's
+        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1] :, :][:, :-1, :]
         labels = labels[:, 1:]
         keep = labels != IGNORE  # only positions in the loss are upcast to fp32
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")

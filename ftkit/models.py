@@ -77,6 +77,29 @@ def materialize_builtin(name: str, out_dir: Path, seed: int) -> Path:
     return out_dir
 
 
+def load_model_config(cfg: ModelSection) -> Any:
+    """The model's transformers config alone (config.json, no weights): for checks before loading."""
+    from transformers import AutoConfig
+
+    if is_builtin(cfg.name):
+        return builtin_config(cfg.name)
+    local = Path(cfg.name).expanduser()
+    if local.is_dir() and is_adapter_dir(local):
+        # an adapter (e.g. an SFT run's final/): the model is its base with the adapter merged in
+        base_name = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelError(f"model.name: {local}/adapter_config.json names no base_model_name_or_path")
+        return load_model_config(cfg.model_copy(update={"name": base_name}))
+    if local.is_dir():
+        _check_remote_code(local, cfg)
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name, trust_remote_code=cfg.trust_remote_code, local_files_only=local.is_dir(), revision=cfg.revision
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.name: cannot load the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+
+
 def resolve_dtype(name: str, device_type: str) -> Any:
     """`auto` → bfloat16 on a bf16-capable GPU, float32 elsewhere (CPU matmuls in bf16 are slow)."""
     import torch
@@ -163,6 +186,8 @@ def build_model(
 
     _quiet_transformers()
     source = cfg.name
+    if is_adapter_dir(Path(source).expanduser()):
+        return _merge_adapter(cfg, Path(source).expanduser(), device_type, seed, base_dir, tokenizer)
     if is_builtin(source):
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="ftkit-base-"))
@@ -224,6 +249,41 @@ def compile_layers(model: Any) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter directory (adapter_config.json, no config.json), such as a LoRA run's final/."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _merge_adapter(
+    cfg: ModelSection, adapter_dir: Path, device_type: str, seed: int, base_dir: Path | None, tokenizer: Any
+) -> tuple[Any, Any, str]:
+    """`model.name` is an adapter (e.g. an SFT run's final/): its base with the adapter merged in.
+
+    So a second stage (DPO after SFT) starts from the fine-tuned model, and its reference
+    (the new adapter disabled) is that model. The merged weights are saved to `base_dir` (the
+    run's base/), which the new adapter's config points to, so it loads without ftkit.
+    """
+    from peft import PeftModel
+
+    if cfg.quantization is not None:
+        raise ModelError(
+            f"model.name: {adapter_dir} is an adapter, which cannot be merged into a 4-bit base; "
+            "use method.name: lora (16/32-bit base) for this stage"
+        )
+    base_name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"model.name: {adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    model, tokenizer, _ = build_model(cfg.model_copy(update={"name": base_name}), device_type, seed, None, tokenizer)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"model.name: cannot apply the adapter {adapter_dir}: {str(err).splitlines()[0]}") from err
+    out = base_dir if base_dir is not None else Path(tempfile.mkdtemp(prefix="ftkit-base-"))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer, str(out.resolve())
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

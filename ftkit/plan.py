@@ -278,8 +278,8 @@ def memory_warning(recipe: Recipe, capacity_bytes: int, gpu: str | None = None) 
     """
     try:
         plan = estimate(recipe, gpu)
-    except FtkitError as err:
-        return f"note: no memory plan ({err})"
+    except Exception as err:  # a method the planner cannot build on the meta device, an unreadable config
+        return f"note: no memory plan ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if plan.peak_bytes + DEVICE_RESERVE_BYTES <= capacity_bytes:
         return None
     return (

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import RunDirError
+from ftkit.preference_report import preference_section, summarize_preferences
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -262,7 +263,7 @@ def summarize(records: list[dict], facts: dict) -> dict:
     finite_val = [(s, v) for s, v in val if math.isfinite(v)]
     best = min(finite_val, key=lambda p: p[1]) if finite_val else None
     diagnosis = diagnose(train, val)
-    return {
+    summary = {
         "facts": facts,
         "first_loss": train[0][1] if train else None,
         "final_loss": _mean(last_train) if last_train else None,
@@ -275,6 +276,10 @@ def summarize(records: list[dict], facts: dict) -> dict:
         "n_evals": len(val),
         "diagnosis": asdict(diagnosis),
     }
+    preference = summarize_preferences(records)
+    if preference is not None:
+        summary["preference"] = preference
+    return summary
 
 
 def json_safe(value: Any) -> Any:
@@ -450,6 +455,8 @@ def render_markdown(summary: dict, samples: list[dict] | None) -> str:
         _table(["", "train loss", "val loss"], _figure_rows(summary)),
         _diagnosis_section(summary.get("diagnosis") or {}),
     ]
+    if summary.get("preference"):
+        parts.append(preference_section(summary["preference"]))
     if samples is not None:
         parts.append(_samples_section(samples))
     return "\n".join(parts)

@@ -12,29 +12,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any
 
-import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from ftkit.methods import REGISTRY
+from ftkit.recipe.describe import default_text as _default_text
+from ftkit.recipe.describe import is_optional as _is_optional
+from ftkit.recipe.describe import model_in as _model_in
+from ftkit.recipe.describe import type_text
 from ftkit.recipe.schema import Recipe
 
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-_SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
-_BOUNDS = (
-    (annotated_types.Ge, "ge", ">="),
-    (annotated_types.Gt, "gt", ">"),
-    (annotated_types.Le, "le", "<="),
-    (annotated_types.Lt, "lt", "<"),
-)
 
 
 def render_reference() -> str:
@@ -99,73 +92,11 @@ def _table(fields: list[tuple[str, FieldInfo]], prefix: str = "", link_sections:
 
 
 def _type_text(annotation: Any, metadata: list[Any] = ()) -> str:
-    """YAML-flavoured type: `integer >= 1`, `number in [0, 1)`, `list of string | null` (escaped)."""
-    bounds = {
-        sign: _yaml_scalar(getattr(m, attr)) for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)
-    }
-    members = [a for a in get_args(annotation) if a is not type(None)] if _is_optional(annotation) else [annotation]
-    text = " | ".join(_plain_type(a) for a in members) + _bounds_text(bounds)
-    return _escape(text + (" | null" if _is_optional(annotation) else ""))
-
-
-def _bounds_text(bounds: dict[str, str]) -> str:
-    """{'>=': '0', '<': '1'} -> ' in [0, 1)'; {'>=': '1'} -> ' >= 1'."""
-    lower = next(((sign, v) for sign, v in bounds.items() if sign.startswith(">")), None)
-    upper = next(((sign, v) for sign, v in bounds.items() if sign.startswith("<")), None)
-    if lower and upper:
-        return f" in {'[' if lower[0] == '>=' else '('}{lower[1]}, {upper[1]}{']' if upper[0] == '<=' else ')'}"
-    return "".join(f" {bound[0]} {bound[1]}" for bound in (lower, upper) if bound)
-
-
-def _plain_type(annotation: Any) -> str:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _plain_type(args[0])
-    if origin is Literal:
-        return " | ".join(f"`{_yaml_scalar(a)}`" for a in args)
-    if origin in (Union, types.UnionType):
-        return " | ".join(_plain_type(a) for a in args)
-    if origin is list:
-        return f"list of {_plain_type(args[0])}"
-    if origin is tuple:
-        return "[" + ", ".join(_plain_type(a) for a in args) + "]"
-    if _model_in(annotation) is not None:
-        return "mapping"
-    return _SCALARS.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _default_text(info: FieldInfo) -> str:
-    if info.default is PydanticUndefined and info.default_factory is None:
-        return "**required**"
-    value = info.default_factory() if info.default_factory is not None else info.default
-    if isinstance(value, BaseModel):
-        return "(defaults below)"
-    return f"`{_yaml_scalar(value)}`"
-
-
-def _yaml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
-    return str(value)
+    return _escape(type_text(annotation, metadata))
 
 
 def _doc(model: type[BaseModel]) -> str:
     return _escape((model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else "")
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    models = [m for m in map(_model_in, get_args(annotation)) if m is not None] if get_origin(annotation) else []
-    return models[0] if len(models) == 1 else None
-
-
-def _is_optional(annotation: Any) -> bool:
-    return type(None) in get_args(annotation)
 
 
 def _escape(text: str) -> str:

@@ -3,9 +3,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import make_rows, write_jsonl
 from tests.trained_runs import trained_runs  # noqa: F401  (session fixture: finished runs, trained on first use)
+
+# One intra-op thread: the models here are tiny, and on a shared 2-core machine a second
+# OpenMP thread spin-waits against other processes (measured: a micro-llama step is ~40×
+# slower with 2 threads under load than with 1; the suite 176 s → 34 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +21,19 @@ def tiny_data(tmp_path_factory) -> Path:
     write_jsonl(root / "train.jsonl", make_rows(64, seed=1))
     write_jsonl(root / "val.jsonl", make_rows(16, seed=2))
     return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory) -> Path:
+    """A micro-llama model directory pretrained on two answer formats (tests/pretrained.py)."""
+    from tests.pretrained import pretrain_micro_base
+
+    return pretrain_micro_base(tmp_path_factory.mktemp("pretrained") / "micro-llama")
+
+
+@pytest.fixture(scope="session")
+def steer_data(tmp_path_factory) -> Path:
+    """train.jsonl / val.jsonl of the steering task for the pretrained base."""
+    from tests.pretrained import write_steer_data
+
+    return write_steer_data(tmp_path_factory.mktemp("steer-data"))

@@ -55,7 +55,7 @@ def make_recipe(tmp: Path, data_dir: Path, name: str = "recipe", **sections: dic
     }
     for key, value in sections.items():
         if isinstance(value, dict) and key != "method":
-            recipe[key] = {**recipe[key], **value}
+            recipe[key] = {**recipe.get(key, {}), **value}
         else:
             recipe[key] = value
     path = tmp / f"{name}.yaml"

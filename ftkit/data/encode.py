@@ -36,6 +36,11 @@ class Example:
     source: str
     position_ids: list[int] | None = None
 
+    @property
+    def length(self) -> int:
+        """Tokens in its forward pass (what length-grouped batching sorts by)."""
+        return len(self.input_ids)
+
 
 def encode_row(
     row: dict, source: str, fmt: str, tokenizer: Any, max_length: int, train_on_prompt: bool
@@ -46,10 +51,27 @@ def encode_row(
         ids = bos + tokenizer.encode(text_of(row, source), add_special_tokens=False)
         trained = [True] * len(ids)
     else:
-        text, spans = render_chat(to_messages(row, fmt, source), tokenizer, source)
-        text = _strip_after_eos(text, tokenizer.eos_token)
-        ids, trained = _tokenize_spans(text, spans, tokenizer)
+        ids, trained = tokenize_conversation(to_messages(row, fmt, source), tokenizer, source, last_turn_only=False)
         trained = [train_on_prompt or t for t in trained]
+    return finish_example(ids, trained, source, tokenizer, max_length)
+
+
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer: Any, source: str, last_turn_only: bool
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and whether each is trained: every assistant turn,
+    or only the last one (a preference answer, whose earlier turns are part of the prompt)."""
+    text, spans = render_chat(messages, tokenizer, source)
+    text = _strip_after_eos(text, tokenizer.eos_token)
+    return _tokenize_spans(text, spans[-1:] if last_turn_only else spans, tokenizer)
+
+
+def finish_example(
+    ids: list[int], trained: list[bool], source: str, tokenizer: Any, max_length: int
+) -> tuple[Example, bool]:
+    """Append a trained EOS, mask, truncate to max_length: (example, was_truncated).
+
+    DataError naming `source` when no trained token is left."""
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
         # the conversation ends with the assistant's turn, so its closing EOS is the assistant's

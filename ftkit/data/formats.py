@@ -7,6 +7,8 @@ Formats (`data.format`):
 - chat: {messages: [{role, content}, ...]}, rendered with the tokenizer's chat template
   (`DEFAULT_CHAT_TEMPLATE` when it has none). The last message must be the assistant's.
 - text: {text}, trained on every token: bos? + text + eos.
+- preference: {prompt, chosen, rejected}, two conversations sharing the prompt, only the
+  answers trained (ftkit.data.preference).
 
 Assistant spans come from prefix rendering: for assistant message i,
 render(messages[:i], add_generation_prompt=True) must be a prefix of render(messages[:i+1]),
@@ -26,6 +28,7 @@ FORMAT_FIELDS = {
     "alpaca": "instruction, output (optional: input, system)",
     "chat": "messages: [{role, content}, ...] ending with an assistant message",
     "text": "text",
+    "preference": "prompt, chosen, rejected (see ftkit.data.preference)",
 }
 
 Span = tuple[int, int]
@@ -61,7 +64,9 @@ def _string_field(row: dict, field: str, fmt: str, source: str, required: bool =
     if value is None:
         if not required:
             return ""
-        have = ", ".join(sorted(row)) or "none"
+        # repr for keys with newlines or control characters: the error must stay one line
+        keys = [key if key.isprintable() else repr(key) for key in sorted(map(str, row))]
+        have = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "") or "none"
         raise DataError(f"{source}: missing field {field!r} (format {fmt} needs {FORMAT_FIELDS[fmt]}; row has {have})")
     if not isinstance(value, str):
         raise DataError(f"{source}: field {field!r} must be a string (format {fmt}), got {type(value).__name__}")
@@ -134,8 +139,13 @@ def render_prompt(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
     writes it): encode it with `add_special_tokens=False`. chat/alpaca: the conversation up
     to the last assistant message plus the generation prompt, and that message as reference.
     text: bos + the first half of the text (cut at a space), and the rest as reference.
+    preference: the prompt plus the generation prompt, and the chosen answer as reference.
     """
     source = "prompt row"
+    if fmt == "preference":
+        from ftkit.data.preference import render_pair_prompt
+
+        return render_pair_prompt(row, tokenizer)
     if fmt == "text":
         text = text_of(row, source)
         cut = text.find(" ", len(text) // 2)

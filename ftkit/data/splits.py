@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.data.encode import IGNORE, Example, encode_row
+from ftkit.data.preference import PreferencePair, encode_pair
 from ftkit.data.sources import SUFFIXES, Row, read_rows
 from ftkit.errors import DataError
 from ftkit.recipe.schema import DataSection
@@ -18,8 +19,8 @@ class Splits:
     """Train and validation examples, and `stats`: n_train, n_val, train_tokens, train_target_tokens,
     val_tokens, truncated_train, truncated_val (examples cut to max_length), max_length, format."""
 
-    train: list[Example]
-    val: list[Example]
+    train: list[Example] | list[PreferencePair]
+    val: list[Example] | list[PreferencePair]
     stats: dict
 
 
@@ -42,9 +43,9 @@ def load_splits(data: DataSection, tokenizer: Any, seed: int) -> Splits:
     stats = {
         "n_train": len(train),
         "n_val": len(val),
-        "train_tokens": sum(len(ex.input_ids) for ex in train),
-        "train_target_tokens": sum(label != IGNORE for ex in train for label in ex.labels),
-        "val_tokens": sum(len(ex.input_ids) for ex in val),
+        "train_tokens": sum(len(seq.input_ids) for seq in sequences(train)),
+        "train_target_tokens": sum(label != IGNORE for seq in sequences(train) for label in seq.labels),
+        "val_tokens": sum(len(seq.input_ids) for seq in sequences(val)),
         "truncated_train": truncated_train,
         "truncated_val": truncated_val,
         "max_length": data.max_length,
@@ -73,10 +74,20 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return train, val
 
 
-def _encode_all(rows: list[Row], data: DataSection, tokenizer: Any) -> tuple[list[Example], int]:
+def sequences(examples: list[Example] | list[PreferencePair]) -> list[Example]:
+    """Every tokenized sequence: the examples themselves, or both sides of each pair."""
+    return [seq for ex in examples for seq in ((ex.chosen, ex.rejected) if isinstance(ex, PreferencePair) else (ex,))]
+
+
+def _encode_all(rows: list[Row], data: DataSection, tokenizer: Any) -> tuple[list, int]:
     examples, truncated = [], 0
     for row, source in rows:
-        example, was_truncated = encode_row(row, source, data.format, tokenizer, data.max_length, data.train_on_prompt)
+        if data.format == "preference":
+            example, was_truncated = encode_pair(row, source, tokenizer, data.max_length)
+        else:
+            example, was_truncated = encode_row(
+                row, source, data.format, tokenizer, data.max_length, data.train_on_prompt
+            )
         examples.append(example)
         truncated += was_truncated
     return examples, truncated

@@ -1,29 +1,41 @@
-"""The method registry: `method.name` in a recipe → a config class and an `apply` function.
+"""The method registry: `method.name` in a recipe → a config class, `apply`, and optional `hooks`.
 
 Adding a method touches its own module, one `register(...)` line below and one row
 in the shared test table (tests/methods_table.py); nothing in the loop, the CLI or
-the checkpoint code. Importing this package must stay light (no torch).
+the checkpoint code. A module provides `apply(model, config, run)` and may provide
+`hooks(model, config, run) -> MethodHooks` and `model_problems(config, model_config)`
+(see `ftkit.methods.base`).
+Importing this package must stay light (no torch, no peft).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-from ftkit.methods.base import MethodConfig
+from ftkit.methods.base import MethodConfig, MethodHooks, RunInfo
 
 
 @dataclass(frozen=True)
 class MethodEntry:
     name: str
     config: type[MethodConfig]
-    module: str  # module holding `apply(model, config) -> model`
+    module: str  # module holding `apply(model, config, run) -> model` and optionally `hooks`
 
-    def apply(self, model: Any, config: MethodConfig) -> Any:
-        fn: Callable[[Any, MethodConfig], Any] = import_module(self.module).apply
-        return fn(model, config)
+    def apply(self, model: Any, config: MethodConfig, run: RunInfo | None = None) -> Any:
+        return import_module(self.module).apply(model, config, run or RunInfo())
+
+    def model_problems(self, config: MethodConfig, model_config: Any) -> list[str]:
+        """What the method needs from the model and this one lacks, from its config alone (before any
+        weight is loaded); one `key.path: what to do` line each. Empty when the module has no check."""
+        fn = getattr(import_module(self.module), "model_problems", None)
+        return list(fn(config, model_config)) if fn is not None else []
+
+    def hooks(self, model: Any, config: MethodConfig, run: RunInfo | None = None) -> MethodHooks:
+        """The method's `MethodHooks` for `model` (already applied); empty when it has none."""
+        fn = getattr(import_module(self.module), "hooks", None)
+        return fn(model, config, run or RunInfo()) if fn is not None else MethodHooks()
 
 
 REGISTRY: dict[str, MethodEntry] = {}
@@ -48,3 +60,17 @@ register(_c.FullConfig, "ftkit.methods.full")
 register(_c.FreezeConfig, "ftkit.methods.freeze")
 register(_c.LoraConfig, "ftkit.methods.lora")
 register(_c.QloraConfig, "ftkit.methods.lora")
+register(_c.DoraConfig, "ftkit.methods.lora")
+register(_c.QdoraConfig, "ftkit.methods.lora")
+register(_c.RsloraConfig, "ftkit.methods.lora")
+register(_c.LoraPlusConfig, "ftkit.methods.lora_plus")
+register(_c.LoraFaConfig, "ftkit.methods.lora_fa")
+register(_c.VeraConfig, "ftkit.methods.vera")
+register(_c.AdaloraConfig, "ftkit.methods.adalora")
+register(_c.Ia3Config, "ftkit.methods.ia3")
+register(_c.LohaConfig, "ftkit.methods.lycoris")
+register(_c.LokrConfig, "ftkit.methods.lycoris")
+register(_c.PromptTuningConfig, "ftkit.methods.prompt")
+register(_c.PrefixTuningConfig, "ftkit.methods.prompt")
+register(_c.PTuningConfig, "ftkit.methods.prompt")
+register(_c.GenericPeftConfig, "ftkit.methods.generic")

@@ -1,14 +1,28 @@
-"""What every method family provides: a typed recipe section and `apply`.
+"""What every method family provides: a typed recipe section, `apply`, and optional hooks.
 
 A method module defines a pydantic config class (its `method:` recipe section,
-discriminated by `name`) and a function `apply(model, config) -> model` that
-marks what trains. Methods know nothing about the loop; the loop knows nothing
-about methods.
+discriminated by `name`) and
+
+    apply(model, config, run: RunInfo) -> model        required: marks what trains
+    hooks(model, config, run: RunInfo) -> MethodHooks  optional: what the method adds to a run
+    model_problems(config, model_config) -> [str]      optional: what the method needs from the
+                                                       model (a transformers config, no weights
+                                                       loaded yet), one `key: what to do` line each
+
+Methods know nothing about the loop; the loop knows nothing about methods. The
+registry (`ftkit.methods`) finds `hooks` when a module defines it, and `train/run.py`
+wires each member of `MethodHooks` into the one generic place that takes it
+(optimizer groups, a loop hook point, the objective, the final save).
+
+Importing this module stays light (no torch).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,9 +32,10 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: learning rate used when `train.lr` is not given (Anyscale Llama-2 study:
-    #: 1e-5 for full fine-tuning, 1e-4 for LoRA-family adapters)
+    #: learning rate used when `train.lr` is not given
     default_lr: ClassVar[float] = 1e-4
+    #: where `default_lr` comes from, quoted in the note `ftkit validate` prints
+    default_lr_reason: ClassVar[str] = "adapters 1e-4: Anyscale Llama-2 fine-tuning study"
     #: one-line description shown by `ftkit methods`
     summary: ClassVar[str] = ""
     #: True when the result is a PEFT adapter (saved as adapter_config.json + weights)
@@ -29,3 +44,57 @@ class MethodConfig(BaseModel):
     needs_4bit: ClassVar[bool] = False
     #: True when the method trains quantized weights directly (impossible)
     trains_base_weights: ClassVar[bool] = False
+    #: True when the adapter can be folded into the base weights (`merge_and_unload`);
+    #: prompt methods add virtual tokens, which no weight matrix can hold
+    mergeable: ClassVar[bool] = True
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """Problems this method has with the rest of the recipe, one `key.path: what to do` line each.
+
+        Called once the whole recipe validated, so a method can check what lives in
+        other sections (e.g. that its init needs a 4-bit base). Default: none.
+        """
+        return []
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may know about the run it is applied in; filled by `train/run.py`.
+
+    Everything is optional so a method can be applied outside a run (tests, tools);
+    a method that needs a field raises ModelError naming it when it is missing.
+    """
+
+    total_steps: int | None = None  # optimizer steps the run will take (AdaLoRA's budget schedule)
+    train: Any = None  # the recipe's TrainSection (lr, optimizer, betas, seed ...)
+    examples: Sequence[Any] = ()  # tokenized training examples (ftkit.data.Example), for data-aware inits
+    pad_id: int | None = None  # the tokenizer's pad id, to collate `examples`
+    device: Any = None  # torch device the run trains on
+
+
+@dataclass
+class MethodHooks:
+    """What a method adds to a run beyond `apply`; every member is optional.
+
+    param_groups      optimizer parameter groups: dicts with "params" and optionally
+                      "lr_scale" (this group's LR = the scheduled LR × lr_scale) and any
+                      optimizer option ("weight_decay" ...). Used by every train.optimizer.
+    optimizer         `optimizer(train) -> torch.optim.Optimizer` for a method that needs
+                      its own update rule (LoRA-FA's projected gradient); the loop still
+                      sets each group's LR from the schedule, × "lr_scale".
+    before_zero_grad  called as `hook(step)` after `optimizer.step()`, while the gradients
+                      of the step are still there (AdaLoRA's importance scores); `step` counts
+                      optimizer steps done, this one included (1-based).
+    after_step        called as `hook(step)` once the step is complete (gradients cleared).
+    regularizer       `regularizer() -> scalar tensor` added once per optimizer step to the
+                      training loss (never to evaluation); reported as `reg_loss`.
+    save_final        `save_final(model, out_dir)` writes `final/` instead of
+                      `model.save_pretrained` (PiSSA/OLoRA convert to a plain LoRA there).
+    """
+
+    param_groups: list[dict] | None = None
+    optimizer: Callable[[Any], Any] | None = None
+    before_zero_grad: list[Callable[[int], None]] = field(default_factory=list)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)
+    regularizer: Callable[[], Any] | None = None
+    save_final: Callable[[Any, Path], None] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftkit.errors import ModelError
+from ftkit.methods.base import RunInfo
 from ftkit.methods.configs import FreezeConfig
 
 
@@ -23,7 +24,7 @@ def decoder_layers(model: Any) -> Any:
     return lists[0]
 
 
-def apply(model: Any, config: FreezeConfig) -> Any:
+def apply(model: Any, config: FreezeConfig, run: RunInfo) -> Any:
     model.requires_grad_(False)
     layers = decoder_layers(model)
     if config.trainable_layers > len(layers):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftkit.methods.base import RunInfo
 from ftkit.methods.configs import FullConfig
 
 
-def apply(model: Any, config: FullConfig) -> Any:
+def apply(model: Any, config: FullConfig, run: RunInfo) -> Any:
     model.requires_grad_(True)
     return model

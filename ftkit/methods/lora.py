@@ -1,55 +1,54 @@
-"""LoRA and QLoRA through peft's `LoraConfig`.
+"""The LoRA family through peft's `LoraConfig`: lora, qlora, dora, qdora, rslora (+ lora_plus, lora_fa).
 
-LoRA (Hu et al. 2021): h = W x + (alpha / r) · B A x, with W frozen, A ∈ R^{r×in}
-(random init), B ∈ R^{out×r} (zeros, so training starts at the base model).
-QLoRA (Dettmers et al. 2023) is the same adapter on a 4-bit NF4 base. The base is
-only frozen, not put through peft's `prepare_model_for_kbit_training`: that upcasts every
-16-bit weight left (embeddings, head, norms: +2.1 GB for Llama-3.1-8B) to fp32, which buys
-nothing here (RMSNorm computes in fp32 anyway, the head's matmul runs in 16 bits under
-autocast) and is most of the gap between 7 and 17 GiB QLoRA (issue 9). Its other job,
-making inputs require grad for reentrant checkpointing, is moot: ftkit checkpoints
-non-reentrantly (ftkit.models.build_model).
+LoRA (Hu et al. 2021): h = W x + s · B A x, with W frozen, A ∈ R^{r×in}, B ∈ R^{out×r}.
+    lora / qlora   s = alpha / r; QLoRA (Dettmers et al. 2023) is the same adapter on a 4-bit
+                   NF4 base, only frozen (see ftkit.methods.adapters.wrap for why not
+                   peft's `prepare_model_for_kbit_training`).
+    rslora         s = alpha / √r (Kalajdzievski 2023): the update's scale no longer shrinks
+                   as r grows, so high ranks keep learning.
+    dora / qdora   h = m ⊙ (W + s·BA) x / ‖W + s·BA‖_c (Liu et al. 2024): LoRA moves the
+                   direction of each output row, a trained vector m its magnitude.
+
+`init` picks how A and B start (peft's `init_lora_weights`):
+    kaiming   A Kaiming-uniform, B = 0: training starts exactly at the base model.
+    gaussian  A ~ N(0, 1/r), B = 0.
+    pissa     W = U S Vᵀ; B A = U_r S_r V_rᵀ (top-r singular part), the base keeps W − B A
+              (Meng et al. 2024): the adapter starts on the directions that matter most.
+    olora     B A from a QR decomposition of W, the base keeps the rest (Büyükakyüz 2024).
+    loftq     with a 4-bit base Q(W): B A = the best rank-r fit of W − Q(W) (Li et al. 2023),
+              so base + adapter starts closer to the 16-bit W than Q(W) alone.
+
+PiSSA and OLoRA change the base weights, so `final/` is converted to an ordinary LoRA
+of rank 2r on the original base (peft's `path_initial_model_for_weight_conversion`):
+ΔW = B A − B₀ A₀ = [B | −B₀] [A ; A₀]. Checkpoints keep the unconverted adapter.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ftkit.errors import ModelError
+from ftkit.methods.adapters import check_target_modules, task_type, wrap
+from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.methods.configs import LoraConfig
 
-
-def linear_module_names(model: Any) -> list[str]:
-    """Leaf names of the model's linear layers (16/32-bit or bitsandbytes 4/8-bit)."""
-    import torch
-
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
-            names.add(name.split(".")[-1])
-    return sorted(names)
+#: `init` → peft's `init_lora_weights` (True is peft's Kaiming-uniform A, zero B)
+_PEFT_INIT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+#: inits that move part of W into the adapter (the base weights change)
+MUTATING_INITS = ("pissa", "olora")
 
 
-def check_target_modules(model: Any, target_modules: str | list[str]) -> None:
-    if target_modules == "all-linear":
-        return
-    known = linear_module_names(model)
-    unknown = [t for t in target_modules if t not in known]
-    if unknown:
-        raise ModelError(
-            f"method.target_modules: {', '.join(unknown)} not among the model's linear modules; "
-            f"use some of: {', '.join(known)} (or all-linear)"
-        )
-
-
-def is_quantized(model: Any) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def peft_config(config: LoraConfig, **extra: Any) -> Any:
+def peft_config(config: LoraConfig, model: Any) -> Any:
     """The peft `LoraConfig` for a LoRA-family recipe section."""
     import peft
 
+    init = _PEFT_INIT.get(config.init, True)  # loftq starts from the default and is set after
+    if config.init == "pissa" and config.init_svd_iters:
+        init = f"pissa_niter_{config.init_svd_iters}"
     return peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -57,15 +56,71 @@ def peft_config(config: LoraConfig, **extra: Any) -> Any:
         bias=config.bias,
         target_modules=config.target_modules,
         modules_to_save=config.modules_to_save,
-        task_type="CAUSAL_LM",
-        **extra,
+        init_lora_weights=init,
+        task_type=task_type(model),
+        **config.peft_flags,
     )
 
 
-def apply(model: Any, config: LoraConfig, **extra: Any) -> Any:
-    from peft import get_peft_model
-
+def apply(model: Any, config: LoraConfig, run: RunInfo) -> Any:
     check_target_modules(model, config.target_modules)
-    if is_quantized(model):
-        model.requires_grad_(False)
-    return get_peft_model(model, peft_config(config, **extra))
+    if config.init == "loftq":
+        _check_loftq_device()
+    model = wrap(model, peft_config(config, model), config.name)
+    if config.init == "loftq":
+        _init_loftq(model)
+    return model
+
+
+def hooks(model: Any, config: LoraConfig, run: RunInfo) -> MethodHooks:
+    if config.init in MUTATING_INITS:
+        return MethodHooks(save_final=_saver_as_plain_lora(model))
+    return MethodHooks()
+
+
+def _saver_as_plain_lora(model: Any):
+    """Save the adapter as it starts (peft's documented PiSSA/OLoRA recipe), and return a
+    `save_final` that writes the trained one as a plain LoRA relative to the original base."""
+    initial = Path(tempfile.mkdtemp(prefix="ftkit-initial-adapter-"))
+    atexit.register(shutil.rmtree, initial, True)  # also gone if the run dies before save_final
+    config = model.peft_config["default"]
+    mutating_init = config.init_lora_weights
+    # peft reloads this adapter to subtract it; marked True, loading it must not decompose W again
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(initial, safe_serialization=True)
+    finally:
+        config.init_lora_weights = mutating_init
+
+    def save_final(trained: Any, out_dir: Path) -> None:
+        trained.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+        # the conversion loaded the initial adapter into the model; drop it again
+        if initial.name in trained.peft_config:
+            trained.delete_adapter(initial.name)
+        shutil.rmtree(initial, ignore_errors=True)
+
+    return save_final
+
+
+def _check_loftq_device() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "method.init: loftq runs on a CUDA GPU only (peft computes it there: peft/utils/loftq_utils.py); "
+            "use init kaiming on this machine"
+        )
+
+
+def _init_loftq(model: Any) -> None:
+    """Set every LoRA pair to the rank-r SVD fit of W − Q(W), W read from the base's safetensors."""
+    from peft import replace_lora_weights_loftq
+
+    source = model.get_base_model().name_or_path
+    local = Path(source)
+    try:
+        replace_lora_weights_loftq(model, model_path=str(local) if local.is_dir() else None)
+    except (ValueError, FileNotFoundError) as err:
+        raise ModelError(
+            f"method.init: loftq needs the 16-bit weights of {source} as safetensors on disk: {err}"
+        ) from err

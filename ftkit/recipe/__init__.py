@@ -117,7 +117,9 @@ def _duplicate_key_problems(loaded: LoadedYaml, sources: SourceMap) -> list[Prob
 
 def _not_a_mapping(data: object, sources: SourceMap) -> Problem:
     return sources.problem(
-        (), f"a recipe is a mapping of sections (model, method, data, train, output_dir); got {describe_value(data)}"
+        (),
+        "a recipe is a mapping of sections (model, method, data, objective, train, output_dir); "
+        f"got {describe_value(data)}",
     )
 
 

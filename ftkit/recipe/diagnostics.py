@@ -46,11 +46,20 @@ class Location:
 
 def problems_from_validation(error: ValidationError, root: type[BaseModel], sources: SourceMap) -> list[Problem]:
     """One Problem per user-visible mistake in `error`, cited where the user gave the value."""
-    located = [(locate(root, err["loc"]), err) for err in error.errors(include_url=False)]
+    located = [(locate(root, err["loc"]), err) for err in _one_rule_per_line(error.errors(include_url=False))]
     problems = []
     for group in _group_union_alternatives(located):
         problems.append(_merged_problem(group, sources) if len(group) > 1 else _problem(*group[0], sources))
     return problems
+
+
+def _one_rule_per_line(errors: list[dict]) -> list[dict]:
+    """A rule may report several problems at once, one `key.path: message` line each; split them."""
+    out = []
+    for err in errors:
+        lines = err["msg"].split("\n") if err["type"] == "value_error" else [err["msg"]]
+        out.extend({**err, "msg": line} for line in lines if line.strip())
+    return out
 
 
 def locate(root: type[BaseModel], loc: tuple) -> Location:
@@ -173,7 +182,7 @@ def _problem(location: Location, err: dict, sources: SourceMap) -> Problem:
         tags = _tags(location, _discriminator_name(err))
         key = (*path, _discriminator_name(err))
         return sources.problem(key, f"required key missing; one of: {', '.join(tags)}", locate=path)
-    if kind == "value_error" and not path:
+    if kind == "value_error" and (not path or _ROOT_MESSAGE_PATH.match(_expectation(err))):
         return _root_rule_problem(err, sources)
     return sources.problem(path, _value_message(location, err, _expectation(err), sources))
 
@@ -194,11 +203,30 @@ def _unknown_key_message(location: Location) -> str:
     allowed = list(owner.model_fields) if owner is not None else []
     section = format_path(path[:-1])
     choices = [c for c in suggest_key(section, path[-1], allowed) if c != format_path(path)]
+    if owner is not None and issubclass(owner, MethodConfig):
+        return _unknown_method_key_message(owner, str(path[-1]), choices)
     if choices:
         return "unknown key" + did_you_mean(choices)
-    if owner is not None and issubclass(owner, MethodConfig):
-        return f"unknown key; method {owner.model_fields['name'].default} takes: {', '.join(allowed)}"
     return f"unknown key; {section or 'the top level'} takes: {', '.join(allowed)}"
+
+
+def _unknown_method_key_message(owner: type[MethodConfig], key: str, choices: list[str]) -> str:
+    """A key this method lacks: suggest only keys it has; if the key (or what it means, e.g.
+    lora_dropout -> method.dropout) belongs to other methods, say so, then list this method's keys."""
+    from ftkit.methods import REGISTRY
+
+    method, allowed = owner.model_fields["name"].default, list(owner.model_fields)
+    own = [c for c in choices if not c.startswith("method.") or c.removeprefix("method.") in allowed]
+    if own:
+        return "unknown key" + did_you_mean(own)
+    meant = [c.removeprefix("method.") for c in choices if c.startswith("method.")]
+    wanted = meant[0] if meant else key
+    others = [name for name, entry in REGISTRY.items() if wanted in entry.config.model_fields and name != method]
+    belongs = ""
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        belongs = f" ({f'method.{wanted}' if meant else 'it'} is a key of {listed}, not of {method})"
+    return f"unknown key for method {method}{belongs}; method {method} takes: {', '.join(allowed)}"
 
 
 def _missing_message(path: Path) -> str:
@@ -230,13 +258,12 @@ def _discriminator_name(err: dict) -> str:
 
 
 def _root_rule_problem(err: dict, sources: SourceMap) -> Problem:
-    """A whole-recipe rule: cite the key its message starts with ('method.name: ...'), if given."""
+    """A rule's problem: cite the key its message starts with ('method.name: ...'), or, when that key
+    was left at its default, the nearest section the recipe gives."""
     message = _expectation(err)
     match = _ROOT_MESSAGE_PATH.match(message)
     if match:
-        path = tuple(match.group(1).split("."))
-        if sources.has(path):
-            return sources.problem(path, match.group(2))
+        return sources.problem(tuple(match.group(1).split(".")), match.group(2))
     return sources.problem((), message)
 
 

@@ -36,7 +36,8 @@ class ModelSection(Section):
 
     name: str = Field(
         "builtin:tiny-llama",
-        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama).",
+        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama); "
+        "or an adapter directory (a LoRA run's final/), merged into its base: a second stage such as DPO after SFT.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = Field(
@@ -73,9 +74,10 @@ class DataSection(Section):
     val_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train held out for validation (seeded) when val is not given."
     )
-    format: Literal["alpaca", "chat", "text"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference"] = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text.",
+        description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text; "
+        "preference: prompt/chosen/rejected pairs (for objective.name dpo, ipo, orpo, simpo).",
     )
     max_length: int = Field(
         1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted."
@@ -97,11 +99,57 @@ class DataSection(Section):
         return self
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+#: beta when the recipe gives none: the values of the papers and of TRL's defaults
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+#: SimPO's target margin gamma as a fraction of beta when not given (SimPO paper: gamma/beta ≈ 0.5)
+SIMPO_GAMMA_RATIO = 0.5
+
+
+class ObjectiveSection(Section):
+    """What training minimises: next-token cross-entropy (sft) or a preference loss on chosen/rejected pairs."""
+
+    name: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        "sft",
+        description="sft: cross-entropy on the answers; dpo, ipo, orpo, simpo: preference losses "
+        "(need data.format: preference).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="dpo/ipo: strength of the pull towards the reference (default 0.1); orpo: weight λ of the "
+        "odds-ratio term (default 0.1); simpo: reward scale (default 2.0).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo, simpo: assumed probability that a pair's preference is flipped (conservative DPO).",
+    )
+    gamma: float | None = Field(None, ge=0.0, description="simpo only: target reward margin; default 0.5 × beta.")
+    reference: Literal["auto", "precompute", "none"] = Field(
+        "auto",
+        description="dpo/ipo reference model. auto: the base with the adapter disabled (adapter methods, no copy) or a "
+        "frozen copy (full/freeze); precompute: reference log-probs computed once before training into the run dir; "
+        "none: only for orpo/simpo, which need no reference.",
+    )
+
+    @property
+    def is_preference(self) -> bool:
+        return self.name in PREFERENCE_OBJECTIVES
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in ("dpo", "ipo")
+
+
 class TrainSection(Section):
     """The optimisation: steps, batch geometry, optimizer, schedule, cadence."""
 
     lr: float | None = Field(
-        None, gt=0, description="Peak learning rate; default 1e-5 for full/freeze, 1e-4 for adapter methods."
+        None,
+        gt=0,
+        description="Peak learning rate; default: the method's (1e-5 full/freeze, 1e-4 LoRA; `ftkit methods NAME`).",
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -152,14 +200,50 @@ class PerfSection(Section):
     )
 
 
+class DistributedSection(Section):
+    """How training spreads over processes (one per GPU). Launched as one process, it is plain training."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model; fsdp: torch FSDP2 shards weights, gradients and "
+        "optimizer state by decoder layer; deepspeed: DeepSpeed ZeRO (pip install 'ftkit[deepspeed]').",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage (strategy deepspeed): 1 shards optimizer state, 2 also gradients, "
+        "3 also weights.",
+    )
+    offload: Literal["none", "optimizer", "params"] = Field(
+        "none",
+        description="Keep state in CPU RAM: optimizer = optimizer state and its step (deepspeed); params = weights "
+        "too (deepspeed zero_stage 3; fsdp moves weights, gradients and the optimizer step together).",
+    )
+    sharding: Literal["full", "hybrid"] = Field(
+        "full",
+        description="fsdp: full = shard over every process; hybrid = shard within a node, replicate across nodes.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON with settings ftkit leaves alone (buckets, overlap ...); batch sizes, grad "
+        "accumulation, clipping, precision and ZeRO stage/offload come from the recipe, and differing values "
+        "there are errors.",
+    )
+
+
 class Recipe(Section):
     """A complete fine-tuning recipe."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
     method: MethodSection = Field(..., description="How the model is adapted (method.name picks the family).")
     data: DataSection = Field(..., description="The examples.")
+    objective: ObjectiveSection = Field(
+        default_factory=ObjectiveSection, description="What training minimises (sft, or a preference loss)."
+    )
     train: TrainSection = Field(default_factory=TrainSection, description="The optimisation.")
     perf: PerfSection = Field(default_factory=PerfSection, description="Loss computation and kernels.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Several processes / GPUs (ignored by a one-process launch)."
+    )
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
 
     #: defaults ftkit chose for the user, written as comments into the resolved recipe
@@ -180,6 +264,113 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _distributed_keys_fit_strategy(self) -> Recipe:
+        # Checked on the whole recipe so each error cites its own key and line. Defaults are accepted
+        # everywhere, so a resolved recipe (every key written) reloads.
+        d = self.distributed
+        s = d.strategy
+        if d.zero_stage != 2 and s != "deepspeed":
+            raise ValueError(
+                f"distributed.zero_stage: applies to strategy deepspeed, not {s} "
+                "(fsdp always shards like ZeRO-3; ddp shards nothing); remove it or set distributed.strategy: deepspeed"
+            )
+        if d.offload != "none" and s == "ddp":
+            raise ValueError(
+                "distributed.offload: ddp keeps everything on the GPU; "
+                "use distributed.strategy: fsdp or deepspeed to offload to CPU RAM"
+            )
+        if d.offload == "optimizer" and s == "fsdp":
+            raise ValueError(
+                "distributed.offload: fsdp offloads weights, gradients and the optimizer step together; "
+                "use offload: params (or strategy: deepspeed for optimizer-only offload)"
+            )
+        if d.offload == "params" and s == "deepspeed" and d.zero_stage != 3:
+            raise ValueError(
+                f"distributed.offload: params needs ZeRO stage 3 (weights are sharded only there), got zero_stage "
+                f"{d.zero_stage}; set distributed.zero_stage: 3 or offload: optimizer"
+            )
+        if d.sharding != "full" and s != "fsdp":
+            raise ValueError(f"distributed.sharding: applies to strategy fsdp, not {s}; remove it")
+        if d.deepspeed_config is not None and s != "deepspeed":
+            raise ValueError(f"distributed.deepspeed_config: applies to strategy deepspeed, not {s}; remove it")
+        o = self.objective
+        if s != "ddp" and o.needs_reference and o.reference == "auto" and not self.method.is_adapter:
+            raise ValueError(
+                f"objective.reference: auto keeps a frozen copy of the whole model, which distributed.strategy {s} "
+                "cannot take from its shards; use objective.reference: precompute (or distributed.strategy: ddp)"
+            )
+        if s == "deepspeed" and self.train.save_every is not None:
+            raise ValueError(
+                "train.save_every: ftkit writes no checkpoints under distributed.strategy deepspeed (DeepSpeed's own "
+                "format is pickle, which ftkit never writes); remove train.save_every, or use strategy fsdp for "
+                "resumable sharded runs"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_sharding(self) -> Recipe:
+        d = self.distributed
+        if self.train.optimizer != "adamw" and (d.strategy == "fsdp" or d.offload != "none"):
+            where = "fsdp" if d.strategy == "fsdp" else "deepspeed offload"
+            raise ValueError(
+                f"train.optimizer: {self.train.optimizer} cannot run under {where}: bitsandbytes optimizers "
+                "do not take sharded (DTensor) or CPU-offloaded parameters; use train.optimizer: adamw"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_data(self) -> Recipe:
+        objective, data = self.objective, self.data
+        if objective.is_preference and data.format != "preference":
+            raise ValueError(
+                f"objective.name: {objective.name} learns from chosen/rejected pairs; set data.format: preference "
+                "(rows with prompt, chosen, rejected)"
+            )
+        if data.format == "preference" and not objective.is_preference:
+            raise ValueError(
+                "data.format: preference pairs need a preference objective; set objective.name: dpo "
+                "(or ipo, orpo, simpo)"
+            )
+        if data.format == "preference" and data.train_on_prompt:
+            raise ValueError("data.train_on_prompt: preference losses compare the answers only; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_fit_objective(self) -> Recipe:
+        objective = self.objective
+        name = objective.name
+        if name == "sft" and objective.beta is not None:
+            raise ValueError("objective.beta: sft has no beta; remove it or set objective.name: dpo (ipo, orpo, simpo)")
+        if objective.label_smoothing and name not in ("dpo", "simpo"):
+            raise ValueError(f"objective.label_smoothing: only dpo and simpo use it, not {name}; remove it")
+        if objective.gamma is not None and name != "simpo":
+            raise ValueError(f"objective.gamma: only simpo has a target margin, not {name}; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_fits_objective(self) -> Recipe:
+        objective = self.objective
+        if objective.needs_reference and objective.reference == "none":
+            raise ValueError(
+                f"objective.reference: {objective.name} needs a reference model; use auto or precompute "
+                "(or objective.name: orpo / simpo, which need none)"
+            )
+        if not objective.needs_reference and objective.reference == "precompute":
+            raise ValueError(f"objective.reference: {objective.name} uses no reference model; remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _fill_objective_defaults(self) -> Recipe:
+        objective = self.objective
+        if objective.is_preference and objective.beta is None:
+            objective.beta = DEFAULT_BETA[objective.name]
+            self._notes.append(f"objective.beta: {objective.beta:g}, the default for {objective.name}")
+        if objective.name == "simpo" and objective.gamma is None:
+            objective.gamma = SIMPO_GAMMA_RATIO * objective.beta
+            self._notes.append(f"objective.gamma: {objective.gamma:g} = 0.5 × beta (SimPO paper)")
+        return self
+
+    @model_validator(mode="after")
     def _fill_method_defaults(self) -> Recipe:
         if self.method.needs_4bit and self.model.quantization is None:
             self.model.quantization = Quantization()
@@ -188,6 +379,14 @@ class Recipe(Section):
             self.train.lr = type(self.method).default_lr
             self._notes.append(
                 f"train.lr: {self.train.lr:g}, the default for method {self.method.name} "
-                "(full 1e-5, adapters 1e-4: Anyscale Llama-2 fine-tuning study)"
+                f"({type(self.method).default_lr_reason})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_recipe(self) -> Recipe:
+        # after the defaults are filled: a method may depend on them (qlora's quantization)
+        problems = self.method.recipe_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self

@@ -40,12 +40,27 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested optimizer state into {path: tensor} and a JSON skeleton with tensor refs."""
+    """Split a nested optimizer state into {path: tensor} and a JSON skeleton with tensor refs.
+
+    A tensor met again (the same view of the same storage) is stored once and referenced from
+    every place it appeared, so loading restores the sharing. bitsandbytes' 8-bit optimizers
+    need this: one quantile map (`qmap1`, `qmap2`) is shared by every parameter's state, and
+    safetensors refuses to write tensors that share memory. A partly overlapping view is copied.
+    """
     tensors: dict[str, torch.Tensor] = {}
+    views: dict[tuple, str] = {}  # (storage, offset, shape, stride, dtype, device) -> path stored
+    storages: set[tuple] = set()
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
-            tensors[path] = node.detach().cpu().contiguous()
+            storage = (node.untyped_storage().data_ptr(), node.device)
+            view = (*storage, node.storage_offset(), tuple(node.shape), node.stride(), node.dtype)
+            if view in views:
+                return {"__tensor__": views[view]}
+            tensor = node.detach().cpu().contiguous()
+            tensors[path] = tensor.clone() if storage in storages and tensor.data_ptr() == node.data_ptr() else tensor
+            views[view] = path
+            storages.add(storage)
             return {"__tensor__": path}
         if isinstance(node, dict):
             return {

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from ftkit import distributed
 from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
 from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
-from ftkit.train.objective import SFT
+from ftkit.train.objective import PENALTY, SFT
 
 
 @dataclass
@@ -44,10 +45,16 @@ class TrainState:
 
 @dataclass
 class Hooks:
-    """What the loop calls out to; every member is optional."""
+    """What the loop calls out to; every member is optional.
+
+    Step hooks get the number of optimizer steps done, the current one included (1-based).
+    `before_zero_grad` runs right after `optimizer.step()`, while the step's gradients are
+    still there (AdaLoRA scores importance from them); `after_step` once the step is complete.
+    """
 
     log: Callable[[dict], None] = lambda record: None
     checkpoint: Callable[[TrainState], None] = lambda state: None
+    before_zero_grad: Sequence[Callable[[int], None]] = ()  # method hooks that need the step's gradients
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
     should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
@@ -60,7 +67,7 @@ def micro_batches(
     The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
     Advances `state.epoch` / `state.batch_in_epoch` as batches are handed out.
     """
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.length for e in examples]
     while True:
         order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
         for position in range(state.batch_in_epoch, len(order)):
@@ -72,24 +79,41 @@ def micro_batches(
 
 @torch.no_grad()
 def evaluate(
-    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any, objective: Any = None
+    model: Any,
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    device: Any,
+    objective: Any = None,
+    accelerator: Any = None,
 ) -> dict[str, float]:
     """Unit-weighted means over `examples`: `loss` (SFT: sum of token losses / trained tokens)
-    and the objective's metrics."""
+    and the objective's metrics.
+
+    With an `accelerator` running N processes, each evaluates its slice of every batch of
+    batch_size × N and the sums are added over processes, so every process returns the
+    same means as one process would (all must call it: sharded models gather in forward).
+    """
     objective = objective or SFT()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     total, units, metric_sums = 0.0, 0, {}
-    for start in range(0, len(order), batch_size):
-        batch = objective.collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for start in range(0, len(order), batch_size * world):
+        chunk = order[start : start + batch_size * world]
+        part, weight = distributed.rank_examples(examples, chunk, rank, world)  # weight 0: nothing of it here
+        batch = {k: v.to(device) for k, v in objective.collate(part, pad_id).items()}
         loss, metrics = objective.loss_sum(model, batch)
-        total += float(loss)
-        units += objective.units(batch)
+        total += weight * float(loss)
+        units += weight * objective.units(batch)
         for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
     model.train(was_training)
+    if world > 1:
+        keys = sorted(metric_sums)
+        total, units, *sums = distributed.global_sums(accelerator, [total, units, *(metric_sums[k] for k in keys)])
+        metric_sums = dict(zip(keys, sums, strict=True))
     n = max(units, 1)
     return {"loss": total / n} | {key: value / n for key, value in metric_sums.items()}
 
@@ -115,41 +139,59 @@ def train_loop(
     `batch_size 1 × grad_accum 8` give the same gradient on variable-length data,
     which a per-micro-batch mean would not (transformers #37766).
 
+    With N processes (`ftkit.distributed`): the micro-batches are global ones of
+    batch_size × N, each process takes its slice, T is summed over processes, and each
+    process's loss is multiplied by N because the engines average gradients over processes
+    (`distributed.loss_scale`). Logged loss, tokens and metrics are global sums.
+
     A step whose loss or gradient norm is not finite applies no update (gradients are
     dropped; weights and optimizer state stay bit-identical). With `on_nonfinite: stop`
     it raises NonFiniteError; with `skip` it counts as a step (data and LR move on) up
     to `max_skips` times. `hooks.should_stop` is asked before every step, so a stop
-    request ends the run at a step boundary, where `state` is exactly resumable.
+    request ends the run at a step boundary, where `state` is exactly resumable (with N
+    processes, the boundary where any of them was asked to stop: all must stop together).
     """
     hooks = hooks or Hooks()
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
-    stream = micro_batches(train_examples, cfg.batch_size, cfg.seed, state, cfg.group_by_length)
-    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stream = micro_batches(train_examples, cfg.batch_size * world, cfg.seed, state, cfg.group_by_length)
+    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
     model.train()
     while state.step < total_steps:
-        if hooks.should_stop(state):
+        if distributed.any_process(accelerator, hooks.should_stop(state)):
             break
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's relative group LR (LoRA+: B at λ·lr)
 
-        # Gather the window first: the loss normaliser is the unit count of the whole window.
-        window = [objective.collate([train_examples[i] for i in next(stream)], pad_id) for _ in range(cfg.grad_accum)]
-        window_units = max(sum(objective.units(b) for b in window), 1)
+        # Gather the window first: the loss normaliser is the unit count of the whole window
+        # (of all processes). Each micro-batch has a weight: 0 for a process with no example of it.
+        parts = [distributed.rank_examples(train_examples, next(stream), rank, world) for _ in range(cfg.grad_accum)]
+        window = [(objective.collate(part, pad_id), weight) for part, weight in parts]
+        local_units = sum(weight * objective.units(batch) for batch, weight in window)
+        window_units = max(int(distributed.global_sums(accelerator, [local_units])[0]), 1)
         loss_sum, input_tokens, metric_sums = 0.0, 0, {}
-        for batch in window:
+        for i, (batch, weight) in enumerate(window):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss, metrics = objective.loss_sum(model, batch)
-                loss = loss / window_units
-            accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            with distributed.micro_step(accelerator, model, is_last=i == len(window) - 1):
+                with accelerator.autocast():
+                    loss, metrics = objective.loss_sum(model, batch)
+                    loss = loss * weight / window_units
+                distributed.backward(accelerator, loss * distributed.loss_scale(accelerator))
+            # `loss` is the data loss; a method's penalty (PENALTY metric) trains but is reported apart
+            loss_sum += float(loss.detach()) - weight * float(metrics.get(PENALTY, 0.0)) / window_units
             for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / window_units
-            input_tokens += int(batch["attention_mask"].sum())
+                metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value) / window_units
+            input_tokens += int(weight * int(batch["attention_mask"].sum()))
             state.micro_step += 1
+        if world > 1:  # every process must see the same loss: the non-finite check below decides for all
+            keys = sorted(metric_sums)
+            loss_sum, input_tokens, *sums = distributed.global_sums(
+                accelerator, [loss_sum, input_tokens, *(metric_sums[k] for k in keys)]
+            )
+            input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
         if cfg.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -160,6 +202,8 @@ def train_loop(
         is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if is_finite:
             optimizer.step()
+            for hook in hooks.before_zero_grad:
+                hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
         if not is_finite:
             what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
@@ -205,13 +249,15 @@ def train_loop(
             )
         is_last = state.step == total_steps
         if val_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
-            val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective)
+            val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective, accelerator)
             val_loss = val["loss"]
             state.last_val_loss = val_loss
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = val_loss, state.step
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
-            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+            record["val_loss"] = val_loss
+            if getattr(objective, "reports_perplexity", True):
+                record["val_ppl"] = math.exp(min(val_loss, 50.0))
             record |= {f"val_{key}": value for key, value in val.items() if key != "loss"}
             state.history.append(record)
             hooks.log(record)
@@ -220,9 +266,10 @@ def train_loop(
     return state
 
 
-def total_steps_for(cfg: TrainSection, n_examples: int) -> int:
-    """Optimizer steps the recipe asks for: max_steps, or epochs over the data."""
+def total_steps_for(cfg: TrainSection, n_examples: int, processes: int = 1) -> int:
+    """Optimizer steps the recipe asks for: max_steps, or epochs over the data
+    (a micro-step of N processes consumes batch_size × N examples)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    micro = math.ceil(n_examples / cfg.batch_size)
+    micro = math.ceil(n_examples / (cfg.batch_size * processes))
     return max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))

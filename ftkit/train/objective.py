@@ -6,7 +6,11 @@ An objective provides
     loss_sum(model, batch) -> (loss, metrics)     loss summed over those units (a tensor),
                                                   plus metric sums over the same units
 The loop divides by the units of the whole accumulation window, so every unit weighs
-the same however the window is cut into micro-batches.
+the same however the window is cut into micro-batches. An objective whose loss is not a
+token cross-entropy sets `reports_perplexity = False`, so no val_ppl is logged for it.
+
+`objective.name` in a recipe picks one: sft here, dpo / ipo / orpo / simpo in
+ftkit.train.preference (built with their reference by `prepare_objective`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class SFT:
     """
 
     name = "sft"
+    reports_perplexity = True
 
     def __init__(self, lm_loss: CausalLMLoss | None = None):
         self.lm_loss = lm_loss or CausalLMLoss()
@@ -43,3 +48,46 @@ class SFT:
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.lm_loss(model, batch), {}
+
+
+def token_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the batch's T input positions, shape (batch, T, vocab).
+
+    Prompt tuning and P-tuning (peft) prepend n virtual tokens to the input, so the model
+    returns T + n positions, the virtual ones first; position t of the input is position
+    n + t of the output. Keeping the last T realigns them with the labels.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1] :, :]
+
+
+#: metric holding a method's training penalty: part of the loss that trains, reported apart from `loss`
+PENALTY = "reg_loss"
+
+
+class Regularized:
+    """An objective plus a method's training-time penalty R (e.g. AdaLoRA's orthogonality term).
+
+    Per micro-batch it adds R · units(batch) to the loss sum; the loop divides by the
+    window's units, so the step's loss is (objective's loss) + R exactly once, however
+    the window is cut. The loop logs `loss` without R and R as `reg_loss` (PENALTY), and
+    evaluation (model in eval mode) gets the plain objective, so loss and val_loss stay
+    comparable across methods.
+    """
+
+    def __init__(self, objective: Any, penalty: Any):
+        self.objective, self.penalty = objective, penalty
+        self.name = objective.name
+
+    def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        return self.objective.collate(examples, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.objective.units(batch)
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = self.objective.loss_sum(model, batch)
+        if not model.training:
+            return loss, metrics
+        weighted = self.penalty() * self.units(batch)
+        return loss + weighted, {**metrics, PENALTY: float(weighted.detach())}

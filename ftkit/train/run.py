@@ -17,6 +17,8 @@ the resumed part, not the work that was redone.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import FtkitError, Interrupted, NonFiniteError, ResourceError, RunDirError
+from ftkit.errors import FtkitError, Interrupted, ModelError, NonFiniteError, ResourceError, RunDirError
 from ftkit.recipe.schema import Recipe
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
@@ -39,6 +41,7 @@ RUN_ENTRIES = (
     "loss.png",
     "report.md",
     "samples.jsonl",
+    "reference_logps.safetensors",
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step
 END_ENTRIES = ("final", "samples.jsonl")
@@ -141,14 +144,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     if resume and overwrite:
         raise RunDirError("--resume continues a run and --overwrite replaces it; give one of them")
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ftkit import distributed
     from ftkit.data import load_splits
     from ftkit.data.packing import pack_examples
     from ftkit.losses import CausalLMLoss, check_kernels
-    from ftkit.methods import get_method
-    from ftkit.models import build_model, check_attention, compile_layers, count_parameters
+    from ftkit.methods import RunInfo, get_method
+    from ftkit.models import build_model, check_attention, compile_layers, count_parameters, load_model_config
     from ftkit.optim import build_optimizer
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
@@ -167,17 +170,18 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     )
     from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
-    from ftkit.train.objective import SFT
+    from ftkit.train.objective import SFT, Regularized
     from ftkit.train.progress import Progress
     from ftkit.train.signals import StopSignals, exit_code
 
     run_dir = Path(recipe.output_dir)
     cfg = recipe.train
     started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    accelerator = distributed.build_accelerator(recipe, _mixed_precision(cfg.mixed_precision))
     device_type = accelerator.device.type
+    is_main = accelerator.is_main_process  # with N processes only the main one writes the run directory
     set_seed(cfg.seed)
-    log = _stderr_logger()
+    log = _stderr_logger() if is_main else (lambda message: None)
 
     # Inputs first: a data error must not leave a run directory behind.
     tokenizer = load_tokenizer(recipe)
@@ -186,39 +190,60 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     train_examples = splits.train
     if recipe.data.packing:
         train_examples, _ = pack_examples(splits.train, recipe.data.max_length, cfg.seed)
-    total_steps = total_steps_for(cfg, len(train_examples))
+    total_steps = total_steps_for(cfg, len(train_examples), accelerator.num_processes)
     check_kernels(recipe.perf.kernels, device_type)
     check_attention(recipe.model, device_type)
     _warn_if_plan_exceeds_device(recipe, device_type)
+
+    method = get_method(recipe.method.name)
+    problems = method.model_problems(recipe.method, load_model_config(recipe.model))
+    if problems:  # before the run directory and before any weight is loaded
+        raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
 
     with RunLock(run_dir) as lock:
         resume_from, saved, created = None, {}, False
         if resume:
             resume_from = resuming.find_checkpoint(run_dir, None if resume is True else Path(resume))
-            lock.acquire()
+            if is_main:
+                lock.acquire()
             if resume is True and _has_completed(run_dir):
                 raise RunDirError(
                     f"--resume: {run_dir} has finished (final/ is written); to train again from a checkpoint "
                     f"name it (--resume {resume_from}), or start a new run with --overwrite"
                 )
-            verify_checkpoint(resume_from)
+            if is_main:
+                verify_checkpoint(resume_from)
             saved = json.loads((resume_from / "trainer_state.json").read_text())
+            distributed.check_processes(accelerator, saved)
             old = load_recipe(run_dir / "recipe.yaml")
             for note in resuming.check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
                 log(f"note: resuming with {note}")
-            clean_staging(run_dir)
-            resuming.truncate_metrics(run_dir / "metrics.jsonl", int(saved["step"]))
-            for name in END_ENTRIES:
-                _remove(run_dir / name)
-        else:
+            accelerator.wait_for_everyone()  # every process has read the run before the main one changes it
+            if is_main:
+                clean_staging(run_dir)
+                resuming.truncate_metrics(run_dir / "metrics.jsonl", int(saved["step"]))
+                for name in END_ENTRIES:
+                    _remove(run_dir / name)
+        elif is_main:
             created = prepare_run_dir(run_dir, overwrite, lock)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        model, tokenizer, base = build_model(
-            recipe.model, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
+        if is_main:
+            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        with accelerator.main_process_first():  # a built-in base is written once, by the main process
+            model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / "base")
+            model, tokenizer, base = build_model(
+                model_cfg, device_type, cfg.seed, base_dir=run_dir / "base", tokenizer=tokenizer
+            )
+        run_info = RunInfo(
+            total_steps=total_steps,
+            train=cfg,
+            examples=splits.train,
+            pad_id=tokenizer.pad_token_id,
+            device=accelerator.device,
         )
-        method = get_method(recipe.method.name)
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
-        model = method.apply(model, recipe.method)
+        model = method.apply(model, recipe.method, run_info)
+        method_hooks = method.hooks(model, recipe.method, run_info)
+        distributed.check_method_hooks(accelerator, recipe, method_hooks)
         if recipe.model.torch_compile:
             compile_layers(model)
         trainable, total = count_parameters(model)
@@ -226,14 +251,30 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
             f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
             f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
-            f"{total_steps} steps · {accelerator.device}"
+            f"{total_steps} steps · {accelerator.device}{distributed.describe(accelerator, recipe)}"
         )
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if method_hooks.optimizer is not None:
+            optimizer = method_hooks.optimizer(cfg)
+        else:
+            optimizer = build_optimizer(
+                method_hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg
+            )
+        model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
+        objective, objective_facts = SFT(CausalLMLoss.from_recipe(recipe)), {}
+        if recipe.objective.is_preference:
+            from ftkit.train.preference import prepare_objective
+
+            with distributed.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
+                objective, objective_facts = prepare_objective(
+                    recipe, unwrapped, splits, where, accelerator.device, tokenizer.pad_token_id
+                )
+        if method_hooks.regularizer is not None:
+            objective = Regularized(objective, method_hooks.regularizer)
         checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
         try:
-            _check_free_space(run_dir, checkpoint_size, cfg, free_bytes(run_dir))
+            if is_main:
+                _check_free_space(run_dir, checkpoint_size, cfg, free_bytes(run_dir))
         except ResourceError:
             lock.release()  # before removing the directory it locks
             if created:  # nothing was trained yet: leave no half-made run directory
@@ -242,12 +283,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
         state = TrainState()
         if resume_from is not None:
-            resuming.restore(resume_from, unwrapped, optimizer)
+            distributed.restore(accelerator, resume_from, model, optimizer)  # resuming.restore, shard-aware
             state = resuming.state_from(saved)
             log(f"resuming from {resume_from}: step {state.step} of {total_steps}, epoch {state.epoch}")
         wall_before = float(saved.get("wall_s", 0.0))
         last_saved = {"step": state.step if resume_from is not None else None}
-        metrics = (run_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: a crash loses one line at most
+        # line-buffered: a crash loses one line at most
+        metrics = (run_dir / "metrics.jsonl").open("a", buffering=1) if is_main else None
 
         def trainer_state(s: TrainState) -> dict:
             return s.to_dict() | {
@@ -258,8 +300,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
         def checkpoint(s: TrainState) -> None:
             _assert_finite(unwrapped)
-            save_checkpoint(run_dir, unwrapped, tokenizer, optimizer, trainer_state(s), checkpoint_size)
-            rotate(run_dir, cfg.keep_last, s.best_step)
+            to_save, optimizer_to_save = distributed.gathered(accelerator, model, optimizer)  # every process
+            rng_ranks = distributed.rank_rng_states(accelerator)  # every process
+            if is_main:
+                extra = trainer_state(s) | rng_ranks
+                save_checkpoint(run_dir, to_save, tokenizer, optimizer_to_save, extra, checkpoint_size)
+                rotate(run_dir, cfg.keep_last, s.best_step)
+            accelerator.wait_for_everyone()
             last_saved["step"] = s.step
 
         stop = StopSignals()
@@ -268,11 +315,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             fault_point("step", s.step)  # test-only fault injection (FTKIT_TEST_FAULT); a no-op otherwise
             return stop.requested
 
-        progress = Progress(total_steps, start_step=state.step)
+        progress = Progress(total_steps, start_step=state.step) if is_main else contextlib.nullcontext()
         hooks = Hooks(
-            log=lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r)),
+            log=(lambda r: (metrics.write(json.dumps(r) + "\n"), progress.update(r))) if is_main else (lambda r: None),
             checkpoint=checkpoint,
             should_stop=should_stop,
+            before_zero_grad=method_hooks.before_zero_grad,
+            after_step=method_hooks.after_step,
         )
         status = "completed"
         if resume_from is not None:
@@ -280,6 +329,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             from safetensors.torch import load_file
 
             restore_rng(load_file(resume_from / "rng.safetensors"), saved["rng"])
+            distributed.restore_rank_rng(accelerator, saved)  # each process's own torch generators
         try:
             with stop:
                 try:
@@ -295,7 +345,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             accelerator,
                             tokenizer.pad_token_id,
                             hooks,
-                            objective=SFT(CausalLMLoss.from_recipe(recipe)),
+                            objective=objective,
                         )
                     if state.step < total_steps:  # a signal stopped the loop at a step boundary
                         if last_saved["step"] != state.step:
@@ -307,11 +357,18 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             exit_code(stop.signum),
                         )
                     _assert_finite(unwrapped)
-                    save_weights(unwrapped, tokenizer, run_dir / "final")
-                    if base is not None and recipe.method.is_adapter:
+                    to_save, _ = distributed.gathered(accelerator, model)  # every process
+                    if is_main and method_hooks.save_final is not None:
+                        method_hooks.save_final(unwrapped, run_dir / "final")  # never sharded: check_method_hooks
+                        tokenizer.save_pretrained(run_dir / "final")
+                    elif is_main:
+                        save_weights(to_save, tokenizer, run_dir / "final")
+                    if is_main and base is not None and recipe.method.is_adapter:
                         _point_adapter_to(run_dir / "final", base)
-                    if cfg.samples and splits.val and not stop.requested:
-                        _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, accelerator.device)
+                    # every process generates (a sharded model gathers in forward), so all must agree
+                    if cfg.samples and splits.val and not distributed.any_process(accelerator, stop.requested):
+                        device = accelerator.device
+                        _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, device, write=is_main)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if not _is_out_of_memory(err):
                         raise
@@ -334,7 +391,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                 status = f"failed at step {state.step}: {type(err).__name__}: {err}"
             raise
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             wall_s = wall_before + time.perf_counter() - started
             facts = (
                 {
@@ -354,12 +412,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                     "tokens_seen": state.tokens_seen,
                     "steps": state.step,
                     "skipped_steps": state.skipped_steps,
-                    "epochs": state.epoch + state.batch_in_epoch / max(1, -(-len(train_examples) // cfg.batch_size)),
+                    "epochs": state.epoch
+                    + state.batch_in_epoch
+                    / max(1, -(-len(train_examples) // (cfg.batch_size * accelerator.num_processes))),
                     "wall_s": wall_s,
                     "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
                     "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 }
-                | speed_facts(recipe, train_examples, state, accelerator.device)
+                | speed_facts(recipe, train_examples, state, accelerator.device, accelerator.num_processes)
                 | {
                     "device": _device_name(accelerator.device),
                     "optimizer": cfg.optimizer,
@@ -367,10 +427,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                     "batch_size": cfg.batch_size,
                     "grad_accum": cfg.grad_accum,
                     "resumed_from_step": int(saved["step"]) if resume_from is not None else None,
+                    "processes": accelerator.num_processes,
+                    "strategy": recipe.distributed.strategy,
                 }
+                | objective_facts
             )
             try:
-                summary = write_report(run_dir, facts)
+                summary = write_report(run_dir, facts) if is_main else {}
             except OSError as err:  # e.g. the disk filled up: never hide the failure that brought us here
                 log(f"warning: could not write the report in {run_dir}: {err}")
                 summary = {}
@@ -416,7 +479,7 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
     import torch
 
     cfg = recipe.train
-    longest = max((len(ex.input_ids) for ex in splits.train), default=0)
+    longest = max((ex.length for ex in splits.train), default=0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -431,9 +494,10 @@ def _oom_message(recipe: Recipe, state: Any, splits: Any, device: Any) -> str:
     )
 
 
-def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -> dict:
+def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any, processes: int = 1) -> dict:
     """summary.json's speed facts: step-time tokens/s, peak memory (CPU: RSS), MFU on a known GPU,
-    and how much of each micro-batch is real tokens (packing efficiency)."""
+    and how much of each micro-batch is real tokens (packing efficiency). Tokens/s count every
+    process; MFU is per GPU, so it divides them by the `processes` sharing the work."""
     import resource
 
     from ftkit.data import batch_order
@@ -441,7 +505,7 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -
     from ftkit.plan import mfu
 
     cfg = recipe.train
-    lengths = [len(ex.input_ids) for ex in train_examples]
+    lengths = [ex.length for ex in train_examples]
     batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
     train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
     return {
@@ -449,7 +513,7 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any) -
         "train_s": state.train_s,
         # ru_maxrss is in KiB on Linux: the process's peak resident memory, weights included
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "mfu": mfu(recipe, train_tokens_per_s, device) if train_tokens_per_s else None,
+        "mfu": mfu(recipe, train_tokens_per_s / processes, device) if train_tokens_per_s else None,
         "packing": {
             "enabled": recipe.data.packing,
             "rows": len(train_examples),
@@ -491,8 +555,10 @@ def _device_name(device: Any) -> str:
 def _assert_finite(model: Any) -> None:
     import torch
 
+    from ftkit.distributed import local_tensor
+
     for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param).all():
+        if param.requires_grad and not torch.isfinite(local_tensor(param)).all():
             raise NonFiniteError(f"trainable parameter {name} is not finite; nothing was saved")
 
 
@@ -505,8 +571,11 @@ def _point_adapter_to(adapter_dir: Path, base: str) -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, val: list, run_dir: Path, device: Any) -> None:
-    """Greedy completions for the first `train.samples` validation examples, for report.md."""
+def _write_samples(
+    model: Any, tokenizer: Any, recipe: Recipe, val: list, run_dir: Path, device: Any, write: bool = True
+) -> None:
+    """Greedy completions for the first `train.samples` validation examples, for report.md
+    (written when `write`: every process generates, the main one writes)."""
     import torch
 
     from ftkit.data import read_rows, render_prompt
@@ -514,7 +583,8 @@ def _write_samples(model: Any, tokenizer: Any, recipe: Recipe, val: list, run_di
     by_source = {source: row for row, source in read_rows(recipe.data.val or recipe.data.train)}
     rows = [by_source[example.source] for example in val[: recipe.train.samples]]
     model.eval()
-    with (run_dir / "samples.jsonl").open("w") as out, torch.no_grad():
+    sink = (run_dir / "samples.jsonl").open("w") if write else contextlib.nullcontext(io.StringIO())
+    with sink as out, torch.no_grad():
         for row in rows:
             prompt, target = render_prompt(row, recipe.data.format, tokenizer)
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)

@@ -35,7 +35,7 @@ VARIANTS = {
     "lora": sections(),
     "accum2": sections(train={"grad_accum": 2, "max_steps": 6}),
     "paged8_accum2": sections(
-        method={"modules_to_save": ["lm_head"]},
+        method={"modules_to_save": ["embed_tokens", "lm_head"]},
         train={"optimizer": "paged_adamw_8bit", "grad_accum": 2, "max_steps": 6},
     ),
 }

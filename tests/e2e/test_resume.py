@@ -14,19 +14,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from tests.resume_helpers import assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
+from tests.helpers import run_cli
+from tests.resume_helpers import ROOT, assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
 
 VARIANTS = {
     "lora": sections(),
     # 4 optimizer steps per epoch: 6 steps cross into epoch 1
     "accum2": sections(train={"grad_accum": 2, "max_steps": 6}),
     "full": sections(method={"name": "full"}, train={"lr": 3e-3, "max_steps": 6}),
-    # lm_head (262 x 64 = 16768 elements) is trained in full, so the 8-bit optimizers keep real
-    # 8-bit state for it; bitsandbytes keeps 32-bit state for tensors under 4096 elements (the LoRA factors)
+    # embed_tokens and lm_head (262 x 64 = 16768 elements each) train in full, so the 8-bit optimizers
+    # keep real 8-bit state for them, sharing one quantile map; bitsandbytes keeps 32-bit state for
+    # tensors under 4096 elements (the LoRA factors)
     **{
-        opt: sections(method={"modules_to_save": ["lm_head"]}, train={"optimizer": opt, "max_steps": 6})
+        opt: sections(method={"modules_to_save": ["embed_tokens", "lm_head"]}, train={"optimizer": opt, "max_steps": 6})
         for opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
     },
 }
@@ -125,9 +128,9 @@ def test_resume_with_each_optimizer_and_full_weights(tmp_path, tiny_data, refere
     assert starts == [2]
     assert seen == ref_seen
     assert_same_run(ref_dir, run_dir)
-    if "8bit" in variant:  # the 8-bit path really ran: lm_head's moments are stored as uint8
+    if "8bit" in variant:  # the 8-bit path really ran: 2 moments x 2 tensors stored as uint8
         state = load_file(run_dir / "checkpoints" / "step-2" / "optimizer.safetensors")
-        assert any(t.dtype.is_floating_point is False and t.numel() == 262 * 64 for t in state.values())
+        assert sum(t.dtype == torch.uint8 and t.numel() == 262 * 64 for t in state.values()) == 4
 
 
 def test_double_resume_inside_one_epoch(tmp_path, tiny_data, reference):
@@ -217,3 +220,23 @@ def test_damaged_or_finished_runs_are_not_resumed(tmp_path, tiny_data):
     assert code == 0, err
     code, err, _ = train(tmp_path, tiny_data, "lora", "--resume")
     assert code == 2 and "has finished" in err
+
+
+def test_readme_stop_and_resume_commands(tmp_path, monkeypatch):
+    """The README's three commands on the shipped quickstart, shortened to 3 steps."""
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "quickstart"
+    shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0")]
+    common = [*shorter, "--output-dir", str(run_dir)]
+    monkeypatch.setenv("FTKIT_TEST_FAULT", "sigint@step:2")  # the user's Ctrl-C after step 2
+    code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
+    assert code == 130 and out == "", err
+    monkeypatch.delenv("FTKIT_TEST_FAULT")
+    code, out, err = run_cli("train", "recipes/quickstart.yaml", "--resume", *common)
+    assert code == 0 and out == "", err
+    first = trajectory(run_dir)
+    code, out, err = run_cli(
+        "train", "recipes/quickstart.yaml", "--resume", str(run_dir / "checkpoints/step-1"), *common
+    )
+    assert code == 0 and out == "", err
+    assert trajectory(run_dir) == first  # the same steps again, the same numbers

@@ -4,6 +4,11 @@ checkpoint offload learns, and summary.json carries the speed facts."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import make_recipe, read_metrics, run_cli
 
@@ -33,3 +38,31 @@ def test_packed_offloaded_run_learns_and_reports_speed(tmp_path, tiny_data):
     assert facts["train_tokens_per_s"] > facts["tokens_per_s"] > 0  # step time excludes loading and eval
     assert facts["peak_rss_bytes"] > 100 * 2**20
     assert facts["mfu"] is None  # CPU: no peak FLOP/s to compare against
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_plan_commands_run(monkeypatch):
+    """The README's `ftkit plan` lines, as written (the quickstart recipe on a 4090 and an H100)."""
+    monkeypatch.chdir(ROOT)
+    code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "4090")
+    assert (code, out) == (0, "") and "fits 4090" in err
+    code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "h100-80gb", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["fits"] and plan["wall_s"] > 0  # epochs over the shipped data: a step count
+
+
+@pytest.mark.slow  # four child processes train a toy model: a few minutes on 2 cores
+def test_bench_gpu_path_runs_on_cpu_at_toy_size(tmp_path):
+    """scripts/bench.py's GPU code path (random-init model of a given shape, full rows, plain vs ftkit)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/bench.py", "gpu", "--allow-cpu", "--case", "toy-lora", "--steps", "3",
+         "--skip", "1", "--work", str(tmp_path / "work"), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert {r["runner"] for r in results} >= {"plain", "ftkit"}
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in results), results

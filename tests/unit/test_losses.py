@@ -142,3 +142,12 @@ def test_probe_draws_no_random_numbers_and_keeps_dropout(micro):
     assert reason is None
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training
+
+
+def test_no_gradient_work_under_no_grad():
+    """Evaluation of a model with a trainable head computes the loss only."""
+    hidden, weight, bias, labels = case(torch.float32, seed=2)
+    with torch.no_grad():
+        loss = chunked_cross_entropy_sum(hidden, weight, labels, bias)
+    assert loss.grad_fn is None
+    assert float(loss) == pytest.approx(float(reference(hidden, weight, labels, bias)), rel=1e-6)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ftkit.errors import RecipeError
+from ftkit.methods import REGISTRY
 from ftkit.recipe import dump_recipe, load_recipe, parse_recipe
 from ftkit.recipe.schema import Recipe
 from ftkit.recipe.yaml_loader import YamlError, load_yaml
@@ -23,6 +24,7 @@ from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = "method: {name: lora}\ndata: {train: data.jsonl}\n"
+METHOD_NAMES = ", ".join(REGISTRY)  # registration order: full, freeze, lora, qlora, ...
 
 
 def recipe_text(body: str) -> str:
@@ -70,7 +72,7 @@ def test_empty_file_reports_the_missing_sections():
 
 def test_sections_left_empty_read_as_empty_mappings():
     assert problems_of("method:\ndata:\ntrain:  # every key commented out\n") == [
-        "recipe.yaml:1: method.name: required key missing; one of: full, freeze, lora, qlora",
+        f"recipe.yaml:1: method.name: required key missing; one of: {METHOD_NAMES}",
         "recipe.yaml:2: data.train: required key missing",
     ]
     assert parse_recipe(MINIMAL + "model:\ntrain:\n").model.name == "builtin:tiny-llama"
@@ -121,9 +123,8 @@ def test_duplicate_key_cites_both_lines():
 def test_merge_keys_may_be_overridden_without_a_duplicate_error():
     text = MINIMAL + "base: &base {lr: 1.0e-4, epochs: 2}\ntrain:\n  <<: *base\n  lr: 3.0e-4\n"
     problems = problems_of(text)  # `base` itself is an unknown top-level key, nothing else
-    assert problems == [
-        "recipe.yaml:3: base: unknown key; the top level takes: model, method, data, train, perf, output_dir"
-    ]
+    top_level = "model, method, data, objective, train, perf, distributed, output_dir"
+    assert problems == [f"recipe.yaml:3: base: unknown key; the top level takes: {top_level}"]
 
 
 @pytest.mark.parametrize(
@@ -231,13 +232,13 @@ def test_unknown_key_without_a_close_match_lists_the_section_keys():
 
 def test_unknown_method_lists_the_known_ones():
     assert only_problem("method: {name: lroa}\ndata: {train: data.jsonl}\n") == (
-        "recipe.yaml:1: method.name: unknown method 'lroa' (did you mean lora?); known: full, freeze, lora, qlora"
+        f"recipe.yaml:1: method.name: unknown method 'lroa' (did you mean lora?); known: {METHOD_NAMES}"
     )
 
 
 def test_method_without_name_says_which_names_exist():
     assert only_problem("method: {r: 8}\ndata: {train: data.jsonl}\n") == (
-        "recipe.yaml:1: method.name: required key missing; one of: full, freeze, lora, qlora"
+        f"recipe.yaml:1: method.name: required key missing; one of: {METHOD_NAMES}"
     )
 
 
@@ -249,7 +250,10 @@ def test_method_errors_hide_the_union_tag():
 
 def test_keys_of_another_method_are_unknown_for_this_one():
     problem = only_problem("method: {name: full, r: 8}\ndata: {train: data.jsonl}\n")
-    assert problem == "recipe.yaml:1: method.r: unknown key; method full takes: name"
+    assert problem == (
+        "recipe.yaml:1: method.r: unknown key for method full "
+        "(it is a key of lora, qlora, dora, qdora, rslora, ..., not of full); method full takes: name"
+    )
 
 
 def test_type_error_shows_received_value_and_type():
@@ -404,7 +408,10 @@ def test_override_errors_cite_the_override():
 
 def test_override_of_a_method_key_after_switching_method():
     problem = only_problem("method: {name: lora, r: 8}\ndata: {train: data.jsonl}\n", ("method.name=full",))
-    assert problem == "recipe.yaml:1: method.r: unknown key; method full takes: name"
+    assert problem == (
+        "recipe.yaml:1: method.r: unknown key for method full "
+        "(it is a key of lora, qlora, dora, qdora, rslora, ..., not of full); method full takes: name"
+    )
 
 
 @pytest.mark.parametrize(
@@ -517,7 +524,7 @@ def test_cli_as_a_subprocess(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert (
         done.stderr == f"error: {path}:1: method.name: unknown method 'lroa' (did you mean lora?); "
-        "known: full, freeze, lora, qlora\n"
+        f"known: {METHOD_NAMES}\n"
     )
 
 
