@@ -226,7 +226,7 @@ def test_readme_stop_and_resume_commands(tmp_path, monkeypatch):
     """The README's three commands on the shipped quickstart, shortened to 3 steps."""
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "quickstart"
-    shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0")]
+    shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0", "batch_size=4")]
     common = [*shorter, "--output-dir", str(run_dir)]
     monkeypatch.setenv("FTKIT_TEST_FAULT", "sigint@step:2")  # the user's Ctrl-C after step 2
     code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
