@@ -137,3 +137,20 @@ def tree_digest(root: Path) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def reference_runs(tmp_path_factory, data: Path, prefix: str, variants: dict):
+    """`get(variant) -> (run_dir, micro-batches)`: the uninterrupted run of a variant (recipe
+    sections from `variants`), trained once on first use."""
+    made: dict[str, tuple[Path, list]] = {}
+
+    def get(variant: str) -> tuple[Path, list[list[str]]]:
+        if variant not in made:
+            tmp = tmp_path_factory.mktemp(f"{prefix}-{variant}")
+            with recorded_batches() as seen:
+                code, err, run_dir = train(tmp, data, variant, **variants[variant])
+            assert code == 0, err
+            made[variant] = (run_dir, seen)
+        return made[variant]
+
+    return get

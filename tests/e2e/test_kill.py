@@ -25,6 +25,7 @@ from tests.resume_helpers import (
     ROOT,
     assert_same_run,
     recorded_batches,
+    reference_runs,
     sections,
     train,
     train_subprocess,
@@ -64,18 +65,7 @@ KILL_POINTS, SLOW_KILL_POINTS = _draw(int(os.environ.get("FTKIT_KILL_SEED", "202
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            tmp = tmp_path_factory.mktemp(f"kill-ref-{variant}")
-            with recorded_batches() as seen:
-                code, err, run_dir = train(tmp, tiny_data, variant, **VARIANTS[variant])
-            assert code == 0, err
-            made[variant] = (run_dir, seen)
-        return made[variant]
-
-    return get
+    return reference_runs(tmp_path_factory, tiny_data, "kill-ref", VARIANTS)
 
 
 def kill_and_resume(tmp_path, tiny_data, reference, variant: str, point: str, step: int) -> None:

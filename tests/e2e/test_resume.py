@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import run_cli
-from tests.resume_helpers import ROOT, assert_same_run, recorded_batches, sections, train, trajectory, tree_digest
+from tests.resume_helpers import (
+    ROOT,
+    assert_same_run,
+    recorded_batches,
+    reference_runs,
+    sections,
+    train,
+    trajectory,
+    tree_digest,
+)
 
 VARIANTS = {
     "lora": sections(),
@@ -38,18 +47,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data):
     """The uninterrupted run of a variant and its micro-batches, made once per module on first use."""
-    made: dict[str, tuple[Path, list]] = {}
-
-    def get(variant: str) -> tuple[Path, list[list[str]]]:
-        if variant not in made:
-            tmp = tmp_path_factory.mktemp(f"ref-{variant}")
-            with recorded_batches() as seen:
-                code, err, run_dir = train(tmp, tiny_data, variant, **VARIANTS[variant])
-            assert code == 0, err
-            made[variant] = (run_dir, seen)
-        return made[variant]
-
-    return get
+    return reference_runs(tmp_path_factory, tiny_data, "ref", VARIANTS)
 
 
 def stop_and_resume(tmp: Path, data: Path, variant: str, *faults: str) -> tuple[Path, list[list[str]], list[int]]:
