@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ftkit import stdout
+from ftkit import io as stdout
 from ftkit.errors import ArgumentError, FtkitError
 
 app = typer.Typer(
@@ -221,8 +221,8 @@ def eval_(
     accuracy and margins); --baseline compares with its base."""
     if data_format is not None and data_format not in ("alpaca", "chat", "text", "preference"):
         raise ArgumentError(f"--format: {data_format!r} is not a format; use alpaca, chat, text or preference")
-    from ftkit.evaluate import print_result, run_eval
-    from ftkit.resolve import resolve_target
+    from ftkit.commands.eval import print_result, run_eval
+    from ftkit.models.target import resolve_target
 
     target = resolve_target(run_or_model, checkpoint, base)
     result = run_eval(target, data, data_format, baseline, max_samples, batch_size, not no_generation, max_new_tokens)
@@ -245,8 +245,8 @@ def generate(
     base: BaseOption = None,
 ) -> None:
     """Complete prompts: --prompt streams to stdout; stdin lines or JSONL rows in, completions out."""
-    from ftkit.generate import Sampling, run_generate
-    from ftkit.resolve import resolve_target
+    from ftkit.commands.generate import Sampling, run_generate
+    from ftkit.models.target import resolve_target
 
     target = resolve_target(run_or_model, checkpoint, base)
     run_generate(target, prompt, Sampling(max_new_tokens, temperature, top_p, seed), batch_size, template=not raw)
@@ -290,13 +290,13 @@ def merge(
     import json
 
     if config is not None:
-        from ftkit.merging import load_merge_config, run_merge_config
+        from ftkit.commands.merge_models import load_merge_config, run_merge_config
 
         result = run_merge_config(load_merge_config(config), out, overwrite=overwrite)
         typer.echo(json.dumps(result["summary"]), err=True)
         return
-    from ftkit.merge import merge_adapter, parse_size, summary_line
-    from ftkit.resolve import resolve_target
+    from ftkit.commands.merge import merge_adapter, parse_size, summary_line
+    from ftkit.models.target import resolve_target
 
     target = resolve_target(run_or_adapter, checkpoint, base)
     report = merge_adapter(
@@ -334,7 +334,7 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
     """Extract a LoRA adapter from a full fine-tune by SVD of each linear layer's weight delta."""
-    from ftkit.extract import extract_lora, print_summary
+    from ftkit.commands.extract import extract_lora, print_summary
 
     report = extract_lora(
         base,
@@ -377,7 +377,7 @@ def main() -> None:
 
 
 def _stdout_reserved():
-    """`ftkit.stdout.reserved()` for a command; help and usage text (click writes it to sys.stdout) stay on stdout."""
+    """`ftkit.io.reserved()` for a command; help and usage text (click writes it to sys.stdout) stay on stdout."""
     import contextlib
 
     argv = sys.argv[1:]

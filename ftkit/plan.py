@@ -421,7 +421,7 @@ def load_config(recipe: Recipe) -> Any:
     """The model's transformers config: built-in, local config.json, or a hub model's config.json."""
     from pathlib import Path
 
-    from ftkit.models import builtin_config, is_builtin
+    from ftkit.models.builtin import builtin_config, is_builtin
 
     cfg = recipe.model
     if is_builtin(cfg.name):
@@ -525,7 +525,7 @@ def _shape(config: Any) -> dict[str, int]:
 
 
 def _weight_bytes(dtype: str, spec: Gpu) -> int:
-    if dtype == "auto":  # as ftkit.models.resolve_dtype on this GPU
+    if dtype == "auto":  # as ftkit.models.load.resolve_dtype on this GPU
         return 2 if spec.has_bf16 else 4
     return 4 if dtype == "float32" else 2
 

@@ -97,7 +97,7 @@ def write_random_model(shape: str, out_dir: Path, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftkit.tokenizer import build_byte_tokenizer
+    from ftkit.models.builtin import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     config = LlamaConfig(
@@ -231,8 +231,8 @@ def run_plain(spec: dict) -> dict:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ftkit.data import collate, load_splits
+    from ftkit.models.builtin import build_byte_tokenizer
     from ftkit.recipe.schema import DataSection
-    from ftkit.tokenizer import build_byte_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def run_trl(spec: dict) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ftkit.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from ftkit.data.formats import DEFAULT_CHAT_TEMPLATE
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(spec["base"])
@@ -469,7 +469,7 @@ def trl_available() -> bool:
 
 
 def bench_cpu(args, work: Path) -> list[dict]:
-    from ftkit.models import materialize_builtin
+    from ftkit.models.builtin import materialize_builtin
 
     base = materialize_builtin("builtin:tiny-llama", work / "base", seed=0)
     data = write_rows(work / "train.jsonl", alpaca_rows(512, seed=1, min_words=4, max_words=60))
@@ -495,7 +495,7 @@ def bench_cpu(args, work: Path) -> list[dict]:
 def bench_packing(args, work: Path) -> list[dict]:
     import torch
 
-    from ftkit.models import materialize_builtin
+    from ftkit.models.builtin import materialize_builtin
 
     base = materialize_builtin("builtin:tiny-llama", work / "base", seed=0)
     # text rows of 50-1000 tokens (bytes), trained on every token

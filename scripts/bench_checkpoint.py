@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ftkit.methods import get_method
-    from ftkit.models import build_model
-    from ftkit.optim import build_optimizer
+    from ftkit.models.load import build_model
     from ftkit.recipe import load_recipe
+    from ftkit.tasks.causal_lm import SFT
     from ftkit.train.checkpoint import (
         checkpoint_bytes,
         load_optimizer_state,
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         verify_checkpoint,
     )
     from ftkit.train.loop import TrainState
-    from ftkit.train.objective import SFT
+    from ftkit.train.optim import build_optimizer
 
     recipe = load_recipe(args.recipe)
     with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp:

@@ -31,10 +31,10 @@ def one(variant: str, length: int, steps: int, batch_size: int, threads: int) ->
     import torch
 
     from ftkit.methods import RunInfo, get_method
-    from ftkit.methods.configs import LongloraConfig, LoraConfig
-    from ftkit.models import build_model
+    from ftkit.models.load import build_model
+    from ftkit.recipe.methods import LongloraConfig, LoraConfig
     from ftkit.recipe.schema import ModelSection
-    from ftkit.train.objective import SFT
+    from ftkit.tasks.causal_lm import SFT
 
     torch.set_num_threads(threads)
     model, _, _ = build_model(ModelSection(name="builtin:tiny-llama"), "cpu", seed=0)

@@ -32,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ftkit.data import load_splits
     from ftkit.methods import get_method
-    from ftkit.methods.configs import LoraConfig
-    from ftkit.models import build_model
-    from ftkit.optim import build_optimizer
+    from ftkit.models.builtin import build_byte_tokenizer
+    from ftkit.models.load import build_model
+    from ftkit.recipe.methods import LoraConfig
     from ftkit.recipe.schema import DataSection, ModelSection, ObjectiveSection, TrainSection
-    from ftkit.tokenizer import build_byte_tokenizer
+    from ftkit.tasks.causal_lm import SFT
+    from ftkit.tasks.preference import DisabledAdapter, Precomputed, PreferenceObjective
+    from ftkit.tasks.preference.reference import attach, compute_reference_logps
     from ftkit.train.loop import TrainState, train_loop
-    from ftkit.train.objective import SFT
-    from ftkit.train.preference import DisabledAdapter, Precomputed, PreferenceObjective
-    from ftkit.train.preference.reference import attach, compute_reference_logps
+    from ftkit.train.optim import build_optimizer
 
     tokenizer = build_byte_tokenizer()
     sft_data = load_splits(DataSection(train="data/quickstart/train.jsonl", max_length=256), tokenizer, 0).train

@@ -47,7 +47,7 @@ def trainable_on_8b(recipe_path: Path, total_steps: int) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ftkit.methods import RunInfo, get_method
-    from ftkit.models import count_parameters
+    from ftkit.models.load import count_parameters
     from ftkit.recipe import load_recipe
 
     method = load_recipe(recipe_path).method

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_rows, write_jsonl
-from tests.trained_runs import trained_runs  # noqa: F401  (session fixture: finished runs, trained on first use)
+from tests.support.helpers import make_rows, write_jsonl
+from tests.support.trained_runs import trained_runs  # noqa: F401  (session fixture: finished runs, trained on first use)
 
 # One intra-op thread: the models here are tiny, and on a shared 2-core machine a second
 # OpenMP thread spin-waits against other processes (measured: a micro-llama step is ~40×
@@ -26,7 +26,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_base(tmp_path_factory) -> Path:
     """A micro-llama model directory pretrained on two answer formats (tests/pretrained.py)."""
-    from tests.pretrained import pretrain_micro_base
+    from tests.support.pretrained import pretrain_micro_base
 
     return pretrain_micro_base(tmp_path_factory.mktemp("pretrained") / "micro-llama")
 
@@ -34,7 +34,7 @@ def pretrained_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def steer_data(tmp_path_factory) -> Path:
     """train.jsonl / val.jsonl of the steering task for the pretrained base."""
-    from tests.pretrained import write_steer_data
+    from tests.support.pretrained import write_steer_data
 
     return write_steer_data(tmp_path_factory.mktemp("steer-data"))
 
@@ -42,6 +42,6 @@ def steer_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deep_micro_base(tmp_path_factory) -> Path:
     """A random-init micro-llama with 4 decoder layers, as a model directory (LoRA-drop's sharing)."""
-    from tests.helpers import write_deep_micro_base
+    from tests.support.helpers import write_deep_micro_base
 
     return write_deep_micro_base(tmp_path_factory.mktemp("deep-micro") / "micro-llama-4")

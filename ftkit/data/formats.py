@@ -34,6 +34,15 @@ FORMAT_FIELDS = {
 Span = tuple[int, int]
 
 
+#: ChatML, for a tokenizer without a chat template of its own. It writes no EOS itself (a base
+#: tokenizer's EOS may be anything); encoding appends EOS after the final assistant turn and trains it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def to_messages(row: dict, fmt: str, source: str) -> list[dict[str, str]]:
     """The conversation of an alpaca or chat row, checked; DataError naming `source` and the field."""
     if fmt == "alpaca":
@@ -102,8 +111,6 @@ def _chat_messages(row: dict, source: str) -> list[dict[str, str]]:
 
 def render(messages: list[dict[str, str]], tokenizer: Any, add_generation_prompt: bool, source: str) -> str:
     """The conversation as text through the tokenizer's chat template (ChatML when it has none)."""
-    from ftkit.tokenizer import DEFAULT_CHAT_TEMPLATE
-
     template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
     try:
         return tokenizer.apply_chat_template(

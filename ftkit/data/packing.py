@@ -9,7 +9,7 @@ mostly real tokens. Packing must not change what is learned, so three things hol
    gets no 2-D attention mask: transformers then derives the sequences from the position
    resets (`masking_utils.find_packed_sequence_indices`) and builds a block-diagonal causal
    mask for sdpa / eager / flex, while flash-attention runs its varlen kernel from the same
-   position ids on rows flattened to one (`ftkit.losses.model_inputs`);
+   position ids on rows flattened to one (`ftkit.tasks.losses.model_inputs`);
 3. no example predicts across a boundary: the label of every example's first token is
    -100 already (ftkit.data.encode), and that is the label the previous example's last
    token would have predicted.

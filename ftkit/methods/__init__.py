@@ -15,6 +15,7 @@ from importlib import import_module
 from typing import Any
 
 from ftkit.methods.base import MethodConfig, MethodHooks, RunInfo
+from ftkit.recipe import methods as _c
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,9 @@ def register(config: type[MethodConfig], module: str) -> None:
     REGISTRY[name] = MethodEntry(name, config, module)
 
 
-def method_configs() -> list[type[MethodConfig]]:
-    return [entry.config for entry in REGISTRY.values()]
-
-
 def get_method(name: str) -> MethodEntry:
     return REGISTRY[name]
 
-
-from ftkit.methods import configs as _c  # noqa: E402
 
 register(_c.FullConfig, "ftkit.methods.full")
 register(_c.FreezeConfig, "ftkit.methods.freeze")

@@ -37,7 +37,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import AdaloraConfig
+from ftkit.recipe.methods import AdaloraConfig
 
 
 def apply(model: Any, config: AdaloraConfig, run: RunInfo) -> Any:

@@ -73,7 +73,7 @@ def wrap(model: Any, peft_config: Any, method: str) -> Any:
     to fp32, which buys nothing here (RMSNorm computes in fp32 anyway, the head's matmul runs
     in 16 bits under autocast) and is most of the gap between 7 and 17 GiB QLoRA (issue 9).
     Its other job, making inputs require grad for reentrant checkpointing, is moot: ftkit
-    checkpoints non-reentrantly (ftkit.models.build_model).
+    checkpoints non-reentrantly (ftkit.models.load.build_model).
     """
     from peft import get_peft_model
 

@@ -25,39 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from ftkit.recipe.methods import MethodConfig
 
-
-class MethodConfig(BaseModel):
-    """Base of every `method:` section. Subclasses set `name: Literal[...]`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: learning rate used when `train.lr` is not given
-    default_lr: ClassVar[float] = 1e-4
-    #: where `default_lr` comes from, quoted in the note `ftkit validate` prints
-    default_lr_reason: ClassVar[str] = "adapters 1e-4: Anyscale Llama-2 fine-tuning study"
-    #: one-line description shown by `ftkit methods`
-    summary: ClassVar[str] = ""
-    #: True when the result is a PEFT adapter (saved as adapter_config.json + weights)
-    is_adapter: ClassVar[bool] = True
-    #: True when the method needs the base model quantized to 4 bits
-    needs_4bit: ClassVar[bool] = False
-    #: True when the method trains quantized weights directly (impossible)
-    trains_base_weights: ClassVar[bool] = False
-    #: True when the adapter can be folded into the base weights (`merge_and_unload`);
-    #: prompt methods add virtual tokens, which no weight matrix can hold
-    mergeable: ClassVar[bool] = True
-
-    def recipe_problems(self, recipe: Any) -> list[str]:
-        """Problems this method has with the rest of the recipe, one `key.path: what to do` line each.
-
-        Called once the whole recipe validated, so a method can check what lives in
-        other sections (e.g. that its init needs a 4-bit base). Default: none.
-        """
-        return []
+__all__ = ["MethodConfig", "MethodHooks", "RunInfo"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +48,8 @@ class RunInfo:
     run_dir: Path | None = None  # the run directory (a method may record what it chose there: LoRA-drop's layers)
     resume_from: Path | None = None  # the checkpoint a resumed run continues from; None for a new run
     max_length: int | None = None  # data.max_length: the longest training row in tokens (LongLoRA's group size)
+    objective: Any = None  # the task's scoring objective (collate / units / loss_sum), for a method's own short runs
+    build_optimizer: Callable[[list, Any], Any] | None = None  # (params, train section) -> the recipe's optimizer
 
 
 @dataclass

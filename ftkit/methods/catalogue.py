@@ -42,7 +42,7 @@ def describe_method(name: str) -> str:
         )
     lines += ["", *_table(rows)]
     if name == "peft":
-        from ftkit.methods.generic import peft_types
+        from ftkit.recipe.peft_types import peft_types
 
         lines += [
             "",
@@ -53,7 +53,7 @@ def describe_method(name: str) -> str:
 
 
 def describe_peft_type(peft_type: str) -> str:
-    from ftkit.methods.generic import REFUSED, config_class, fields, peft_types
+    from ftkit.recipe.peft_types import REFUSED, config_class, fields, peft_types
 
     known = peft_types()
     if peft_type.lower() not in known:

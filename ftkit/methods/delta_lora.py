@@ -50,7 +50,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import DeltaLoraConfig
+from ftkit.recipe.methods import DeltaLoraConfig
 
 ADAPTER = "default"
 

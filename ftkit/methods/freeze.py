@@ -12,7 +12,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import CLASSIFIER_HEADS, is_classifier
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import FreezeConfig
+from ftkit.recipe.methods import FreezeConfig
 
 
 def decoder_layers(model: Any) -> Any:

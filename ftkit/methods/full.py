@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import FullConfig
+from ftkit.recipe.methods import FullConfig
 
 
 def apply(model: Any, config: FullConfig, run: RunInfo) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import Ia3Config
+from ftkit.recipe.methods import Ia3Config
 
 
 def model_problems(config: Ia3Config, model_config: Any) -> list[str]:

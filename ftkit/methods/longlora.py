@@ -50,7 +50,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import LongloraConfig
+from ftkit.recipe.methods import LongloraConfig
 
 #: prefix of the attention implementations registered here; the group size completes the name
 ATTN_PREFIX = "ftkit_s2_attn_g"

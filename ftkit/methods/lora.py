@@ -34,7 +34,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import LoraConfig
+from ftkit.recipe.methods import LoraConfig
 
 #: `init` → peft's `init_lora_weights` (True is peft's Kaiming-uniform A, zero B)
 _PEFT_INIT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}

@@ -41,7 +41,7 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import LoraDropConfig
+from ftkit.recipe.methods import LoraDropConfig
 
 ADAPTER = "default"
 RECORD = "lora_drop.json"
@@ -103,13 +103,13 @@ def score_layers(model: Any, config: LoraDropConfig, run: RunInfo) -> dict[str, 
     back to its initial value."""
     import torch
 
-    from ftkit.optim import build_optimizer
     from ftkit.recipe.schema import TrainSection
-    from ftkit.train.classify import Classification
-    from ftkit.train.objective import SFT
 
-    if run.pad_id is None:
-        raise ModelError("method.name: lora_drop needs the tokenizer's pad id to batch its sample")
+    if run.pad_id is None or run.objective is None or run.build_optimizer is None:
+        raise ModelError(
+            "method.name: lora_drop scores layers with a short run: it needs RunInfo's pad_id, "
+            "objective and build_optimizer"
+        )
     train = run.train or TrainSection(lr=config.default_lr)
     layers = _layer_modules(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -123,10 +123,8 @@ def score_layers(model: Any, config: LoraDropConfig, run: RunInfo) -> dict[str, 
     ]
     batches = [sample[i : i + train.batch_size] for i in range(0, len(sample), train.batch_size)]
     device = next(iter(trainable)).device
-    # a classifier's rows (ClassExample: a class id, no token labels) train and score through its head
-    objective = Classification() if sample and not hasattr(sample[0], "labels") else SFT()
-
-    optimizer = build_optimizer(trainable, train.model_copy(update={"lr": float(train.lr or config.default_lr)}))
+    objective = run.objective  # the task's: a classifier's rows train and score through its head
+    optimizer = run.build_optimizer(trainable, train.model_copy(update={"lr": float(train.lr or config.default_lr)}))
     model.train()
     for step in range(config.sample_steps):
         batch = {k: v.to(device) for k, v in objective.collate(batches[step % len(batches)], run.pad_id).items()}

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import LoraFaConfig
+from ftkit.recipe.methods import LoraFaConfig
 
 
 def apply(model: Any, config: LoraFaConfig, run: RunInfo) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
-from ftkit.methods.configs import LoraPlusConfig
+from ftkit.recipe.methods import LoraPlusConfig
 
 
 def apply(model: Any, config: LoraPlusConfig, run: RunInfo) -> Any:

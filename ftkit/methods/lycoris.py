@@ -15,7 +15,7 @@ from typing import Any
 
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import LohaConfig, LokrConfig
+from ftkit.recipe.methods import LohaConfig, LokrConfig
 
 
 def apply(model: Any, config: LohaConfig | LokrConfig, run: RunInfo) -> Any:

@@ -8,7 +8,7 @@
 
 For prompt and p-tuning, peft prepends n virtual positions to the input, so the logits
 have n more positions than the labels; ftkit's objectives keep the last T (see
-`ftkit.train.objective`). No weight matrix changes, so these adapters cannot be merged.
+`ftkit.tasks.objective`). No weight matrix changes, so these adapters cannot be merged.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from ftkit.methods.adapters import hidden_size, task_type, wrap
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from ftkit.recipe.methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 
 
 def apply(model: Any, config: PromptTuningConfig | PrefixTuningConfig | PTuningConfig, run: RunInfo) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
-from ftkit.methods.configs import VeraConfig
+from ftkit.recipe.methods import VeraConfig
 
 
 def apply(model: Any, config: VeraConfig, run: RunInfo) -> Any:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from ftkit.methods.base import MethodConfig
+from ftkit.recipe.methods import METHOD_CONFIGS, MethodConfig
 from ftkit.recipe.sources import Problem, SourceMap, describe_value, format_path
 from ftkit.recipe.suggestions import did_you_mean, suggest_key, suggest_value
 from ftkit.recipe.yaml_loader import Path
@@ -213,15 +213,17 @@ def _unknown_key_message(location: Location) -> str:
 def _unknown_method_key_message(owner: type[MethodConfig], key: str, choices: list[str]) -> str:
     """A key this method lacks: suggest only keys it has; if the key (or what it means, e.g.
     lora_dropout -> method.dropout) belongs to other methods, say so, then list this method's keys."""
-    from ftkit.methods import REGISTRY
-
     method, allowed = owner.model_fields["name"].default, list(owner.model_fields)
     own = [c for c in choices if not c.startswith("method.") or c.removeprefix("method.") in allowed]
     if own:
         return "unknown key" + did_you_mean(own)
     meant = [c.removeprefix("method.") for c in choices if c.startswith("method.")]
     wanted = meant[0] if meant else key
-    others = [name for name, entry in REGISTRY.items() if wanted in entry.config.model_fields and name != method]
+    others = [
+        name
+        for config in METHOD_CONFIGS
+        if wanted in config.model_fields and (name := config.model_fields["name"].default) != method
+    ]
     belongs = ""
     if others:
         listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ftkit.methods import method_configs
+from ftkit.recipe.methods import METHOD_CONFIGS
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -63,7 +63,7 @@ class ModelSection(Section):
     )
 
 
-MethodSection = Annotated[Union[tuple(method_configs())], Field(discriminator="name")]  # noqa: UP007
+MethodSection = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007
 
 
 class DataSection(Section):

@@ -8,6 +8,7 @@ as `recipe.yaml:LINE` when the offending key came from the file and as
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,12 @@ def format_path(path: Path) -> str:
         else:
             text += f".{part}" if text else str(part)
     return text
+
+
+def did_you_mean(choices: Iterable[str]) -> str:
+    """' (did you mean a or b?)', or '' when there is nothing to suggest."""
+    choices = list(choices)
+    return f" (did you mean {' or '.join(choices)}?)" if choices else ""
 
 
 _SHORT = reprlib.Repr()

@@ -14,6 +14,10 @@ from typing import get_args, get_origin
 
 from pydantic import BaseModel
 
+from ftkit.recipe.methods import METHOD_CONFIGS
+from ftkit.recipe.schema import Recipe
+from ftkit.recipe.sources import did_you_mean  # noqa: F401  (re-exported: the suggestion helpers live here)
+
 # Key names from other tools -> the recipe key paths that mean the same thing.
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "learning_rate": ("train.lr",),
@@ -70,12 +74,6 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def did_you_mean(choices: Iterable[str]) -> str:
-    """' (did you mean a or b?)', or '' when there is nothing to suggest."""
-    choices = list(choices)
-    return f" (did you mean {' or '.join(choices)}?)" if choices else ""
-
-
 def suggest_key(section: str, key: str, allowed: Iterable[str]) -> list[str]:
     """Full key paths the user may have meant by `section.key`.
 
@@ -117,14 +115,11 @@ def suggest_value(value: object, allowed: Iterable[object]) -> list[str]:
 @cache
 def known_key_paths() -> tuple[str, ...]:
     """Every key path of the schema: 'model.name', 'model.quantization.bits', 'method.r', ..."""
-    from ftkit.methods import method_configs
-    from ftkit.recipe.schema import Recipe
-
     paths: list[str] = []
     for name, info in Recipe.model_fields.items():
         paths.append(name)
         if name == "method":
-            for config in method_configs():
+            for config in METHOD_CONFIGS:
                 paths.extend(f"method.{key}" for key in config.model_fields if f"method.{key}" not in paths)
         else:
             paths.extend(_model_paths(name, info.annotation))

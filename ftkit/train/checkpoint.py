@@ -33,9 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftkit.errors import ResourceError, RunDirError
+from ftkit.rundir import (
+    CHECKPOINTS,
+    COMPLETE,
+    TRAINER_STATE,
+    checkpoints_dir,
+    complete_checkpoints,
+)
 from ftkit.train.faults import fault_point
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
 STAGING_DIR = re.compile(r"^\.step-(\d+)\.(?:tmp|old)-(\d+)$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 METHOD_STATE = "method_state.safetensors"
@@ -176,13 +182,13 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, staging / METHOD_STATE)
         rng_tensors, rng_meta = capture_rng()
         save_file(rng_tensors, staging / "rng.safetensors")
-        write_json(staging / "trainer_state.json", {**trainer_state, "rng": rng_meta})
+        write_json(staging / TRAINER_STATE, {**trainer_state, "rng": rng_meta})
         files = {
             str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(staging.rglob("*"))
             if p.is_file()
         }
-        write_json(staging / "complete.json", {"step": step, "files": files})
+        write_json(staging / COMPLETE, {"step": step, "files": files})
         fault_point("save-complete", step)
         _fsync_tree(staging)
     except OSError as err:
@@ -216,22 +222,6 @@ def disk_full_error(run_dir: Path, what: str, expected_bytes: int = 0) -> Resour
     )
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    """`run_dir/checkpoints`, refused when it resolves outside the run dir (a symlink elsewhere)."""
-    root = run_dir / "checkpoints"
-    ensure_inside(run_dir, root)
-    return root
-
-
-def ensure_inside(run_dir: Path, path: Path) -> None:
-    """RunDirError unless `path` resolves inside `run_dir` (symlinks followed): ftkit writes only there."""
-    if not path.resolve().is_relative_to(run_dir.resolve()):
-        raise RunDirError(
-            f"{path} resolves to {path.resolve()}, outside the run directory {run_dir}; "
-            "ftkit writes only inside its run directory: remove the link or choose another --output-dir"
-        )
-
-
 def free_bytes(path: Path) -> int:
     """Free bytes on the file system holding `path` (or its nearest existing parent)."""
     path = Path(path).absolute()
@@ -242,7 +232,7 @@ def free_bytes(path: Path) -> int:
 
 def checkpoint_bytes(path: Path) -> int:
     """Total size of a complete checkpoint, from its complete.json."""
-    files = json.loads((path / "complete.json").read_text())["files"]
+    files = json.loads((path / COMPLETE).read_text())["files"]
     return sum(int(entry["bytes"]) for entry in files.values())
 
 
@@ -286,29 +276,12 @@ def save_weights(model: Any, tokenizer: Any, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def is_complete(path: Path) -> bool:
-    return STEP_DIR.match(path.name) is not None and (path / "complete.json").is_file() and not path.is_symlink()
-
-
-def step_of(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """ftkit's complete checkpoints in the run, oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=step_of)
-
-
 def clean_staging(run_dir: Path) -> list[Path]:
     """Remove what a killed save or rotation left behind: `.step-N.tmp-PID` and `.step-N.old-PID` dirs.
 
     Call it only while holding the run (one trainer per run dir), so none of them is live.
     """
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     if not root.is_dir() or root.is_symlink():
         return []
     stale = [p for p in root.iterdir() if STAGING_DIR.match(p.name) and p.is_dir() and not p.is_symlink()]
@@ -330,7 +303,7 @@ def rotate(run_dir: Path, keep_last: int, best_step: int | None) -> list[Path]:
     if best_step is not None:
         keep |= {p for p in checkpoints if p.name == f"step-{best_step}"}
     removed = []
-    root = (run_dir / "checkpoints").resolve()
+    root = (run_dir / CHECKPOINTS).resolve()
     for path in checkpoints:
         if path not in keep and path.resolve().parent == root:
             shutil.rmtree(_retire(path))
@@ -344,7 +317,7 @@ def verify_checkpoint(path: Path) -> dict:
     RunDirError names the first file that does not match: a damaged checkpoint is never loaded.
     """
     try:
-        complete = json.loads((path / "complete.json").read_text())
+        complete = json.loads((path / COMPLETE).read_text())
         files = complete["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RunDirError(f"{path}/complete.json: unreadable ({err}); resume from another checkpoint") from None

@@ -18,9 +18,10 @@ import torch
 from ftkit import distributed
 from ftkit.data import Example, batch_order
 from ftkit.errors import NonFiniteError
-from ftkit.optim import lr_at
 from ftkit.recipe.schema import TrainSection
-from ftkit.train.objective import PENALTY, SFT
+from ftkit.tasks.causal_lm import SFT
+from ftkit.tasks.objective import PENALTY, evaluate
+from ftkit.train.optim import lr_at
 
 
 @dataclass
@@ -75,47 +76,6 @@ def micro_batches(
             yield order[position]
         state.epoch += 1
         state.batch_in_epoch = 0
-
-
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    examples: Sequence[Example],
-    batch_size: int,
-    pad_id: int,
-    device: Any,
-    objective: Any = None,
-    accelerator: Any = None,
-) -> dict[str, float]:
-    """Unit-weighted means over `examples`: `loss` (SFT: sum of token losses / trained tokens)
-    and the objective's metrics.
-
-    With an `accelerator` running N processes, each evaluates its slice of every batch of
-    batch_size × N and the sums are added over processes, so every process returns the
-    same means as one process would (all must call it: sharded models gather in forward).
-    """
-    objective = objective or SFT()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
-    total, units, metric_sums = 0.0, 0, {}
-    for start in range(0, len(order), batch_size * world):
-        chunk = order[start : start + batch_size * world]
-        part, weight = distributed.rank_examples(examples, chunk, rank, world)  # weight 0: nothing of it here
-        batch = {k: v.to(device) for k, v in objective.collate(part, pad_id).items()}
-        loss, metrics = objective.loss_sum(model, batch)
-        total += weight * float(loss)
-        units += weight * objective.units(batch)
-        for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + weight * float(value)
-    model.train(was_training)
-    if world > 1:
-        keys = sorted(metric_sums)
-        total, units, *sums = distributed.global_sums(accelerator, [total, units, *(metric_sums[k] for k in keys)])
-        metric_sums = dict(zip(keys, sums, strict=True))
-    n = max(units, 1)
-    return {"loss": total / n} | {key: value / n for key, value in metric_sums.items()}
 
 
 def train_loop(

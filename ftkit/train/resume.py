@@ -28,7 +28,8 @@ from typing import Any
 
 from ftkit.errors import RunDirError
 from ftkit.recipe.schema import DataSection, Recipe
-from ftkit.train.checkpoint import complete_checkpoints, ensure_inside, is_complete, load_optimizer_state, load_weights
+from ftkit.rundir import CHECKPOINTS, RECIPE, TRAINER_STATE, complete_checkpoints, ensure_inside, is_complete
+from ftkit.train.checkpoint import load_optimizer_state, load_weights
 from ftkit.train.loop import TrainState
 
 #: keys that change how often ftkit evaluates, saves, logs or reports, or what it does after a
@@ -56,9 +57,9 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
     RunDirError when the run has none, or `path` is not a complete `step-N` checkpoint
     directly inside `run_dir/checkpoints` (symlinks refused: derived paths stay in the run).
     """
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / RECIPE).is_file():
         raise RunDirError(f"--resume: {run_dir} holds no ftkit run (no recipe.yaml); check output_dir or --output-dir")
-    ensure_inside(run_dir, run_dir / "checkpoints")
+    ensure_inside(run_dir, run_dir / CHECKPOINTS)
     if path is None:
         found = complete_checkpoints(run_dir)
         if not found:
@@ -72,7 +73,7 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
         raise RunDirError(
             f"--resume: {path} is not a directory; give a checkpoint such as {run_dir}/checkpoints/step-N"
         )
-    if path.is_symlink() or path.resolve().parent != (run_dir / "checkpoints").resolve():
+    if path.is_symlink() or path.resolve().parent != (run_dir / CHECKPOINTS).resolve():
         raise RunDirError(
             f"--resume: {path} is not a checkpoint of the run directory {run_dir}; "
             f"resume the run it belongs to with --output-dir {path.parent.parent}"
@@ -191,7 +192,7 @@ def restore(path: Path, model: Any, optimizer: Any) -> dict:
     except (ValueError, KeyError) as err:
         raise RunDirError(f"{path}: the optimizer state does not fit this optimizer ({err})") from None
     _repage(optimizer)
-    return json.loads((path / "trainer_state.json").read_text())
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def state_from(saved: dict) -> TrainState:

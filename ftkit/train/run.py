@@ -29,24 +29,18 @@ from typing import Any
 
 from ftkit.errors import FtkitError, Interrupted, ModelError, NonFiniteError, ResourceError, RunDirError
 from ftkit.recipe.schema import Recipe
-
-#: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
-RUN_ENTRIES = (
-    "recipe.yaml",
-    "metrics.jsonl",
-    "checkpoints",
-    "final",
-    "base",
-    "summary.json",
-    "loss.png",
-    "report.md",
-    "samples.jsonl",
-    "reference_logps.safetensors",
-    "labels.json",
-    "lora_drop.json",
+from ftkit.rundir import (
+    BASE,
+    END_ENTRIES,
+    FINAL,
+    METRICS,
+    RECIPE,
+    RUN_ENTRIES,
+    SAMPLES,
+    TRAINER_STATE,
+    has_completed,
+    is_eval_file,
 )
-#: outputs of the end of a run, stale once a resume starts from an earlier step
-END_ENTRIES = ("final", "samples.jsonl")
 
 
 class RunLock:
@@ -103,12 +97,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, lock: RunLock) -> bool:
             "pass --overwrite to replace ftkit's files there, --resume to continue it, or --output-dir for a new run"
         )
     ours = [name for name in existing if name in RUN_ENTRIES]
-    if ours and "recipe.yaml" not in existing:
+    if ours and RECIPE not in existing:
         raise RunDirError(
             f"output_dir: {run_dir} is not an ftkit run directory (no recipe.yaml) but holds {', '.join(ours)}; "
             "--overwrite replaces only runs ftkit made: choose another --output-dir"
         )
-    foreign = [name for name in existing if name not in RUN_ENTRIES and not name.startswith("eval")]
+    foreign = [name for name in existing if name not in RUN_ENTRIES and not is_eval_file(name)]
     if existing and foreign:
         print(f"note: --overwrite keeps files ftkit did not make in {run_dir}: {', '.join(foreign)}", file=sys.stderr)
     created = not run_dir.exists()
@@ -128,10 +122,10 @@ def _remove(path: Path) -> None:
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
-    from ftkit.models import is_builtin, load_tokenizer_only
+    from ftkit.models.load import is_builtin, load_tokenizer_only
 
     if is_builtin(recipe.model.name):
-        from ftkit.tokenizer import build_byte_tokenizer
+        from ftkit.models.builtin import build_byte_tokenizer
 
         return build_byte_tokenizer()
     return load_tokenizer_only(recipe.model)
@@ -151,12 +145,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     from ftkit import distributed
     from ftkit.data import load_splits
     from ftkit.data.packing import pack_examples
-    from ftkit.losses import CausalLMLoss, check_kernels
     from ftkit.methods import RunInfo, get_method
-    from ftkit.models import build_model, check_attention, compile_layers, count_parameters, load_model_config
-    from ftkit.optim import build_optimizer
+    from ftkit.models.load import build_model, check_attention, compile_layers, count_parameters, load_model_config
     from ftkit.recipe import dump_recipe, load_recipe
     from ftkit.report import write_report
+    from ftkit.tasks import task_for
+    from ftkit.tasks.losses import check_kernels
+    from ftkit.tasks.objective import Regularized
     from ftkit.train import resume as resuming
     from ftkit.train.checkpoint import (
         DISK_FULL,
@@ -173,7 +168,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     )
     from ftkit.train.faults import fault_point
     from ftkit.train.loop import Hooks, TrainState, total_steps_for, train_loop
-    from ftkit.train.objective import SFT, Regularized
+    from ftkit.train.optim import build_optimizer
     from ftkit.train.progress import Progress
     from ftkit.train.signals import StopSignals, exit_code
 
@@ -211,39 +206,40 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             resume_from = resuming.find_checkpoint(run_dir, None if resume is True else Path(resume))
             if is_main:
                 lock.acquire()
-            if resume is True and _has_completed(run_dir):
+            if resume is True and has_completed(run_dir):
                 raise RunDirError(
                     f"--resume: {run_dir} has finished (final/ is written); to train again from a checkpoint "
                     f"name it (--resume {resume_from}), or start a new run with --overwrite"
                 )
             if is_main:
                 verify_checkpoint(resume_from)
-            saved = json.loads((resume_from / "trainer_state.json").read_text())
+            saved = json.loads((resume_from / TRAINER_STATE).read_text())
             distributed.check_processes(accelerator, saved)
-            old = load_recipe(run_dir / "recipe.yaml")
+            old = load_recipe(run_dir / RECIPE)
             for note in resuming.check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
                 log(f"note: resuming with {note}")
             accelerator.wait_for_everyone()  # every process has read the run before the main one changes it
             if is_main:
                 clean_staging(run_dir)
-                resuming.truncate_metrics(run_dir / "metrics.jsonl", int(saved["step"]))
+                resuming.truncate_metrics(run_dir / METRICS, int(saved["step"]))
                 for name in END_ENTRIES:
                     _remove(run_dir / name)
         elif is_main:
             created = prepare_run_dir(run_dir, overwrite, lock)
         if is_main:
-            (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            (run_dir / RECIPE).write_text(dump_recipe(recipe))
         with accelerator.main_process_first():  # a built-in base is written once, by the main process
-            model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / "base")
+            model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / BASE)
             model, tokenizer, base = build_model(
                 model_cfg,
                 device_type,
                 cfg.seed,
-                base_dir=run_dir / "base",
+                base_dir=run_dir / BASE,
                 tokenizer=tokenizer,
                 labels=splits.labels,
                 config_changes=config_changes,
             )
+        task = task_for(recipe)
         run_info = RunInfo(
             total_steps=total_steps,
             train=cfg,
@@ -253,6 +249,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             run_dir=run_dir,
             resume_from=resume_from,
             max_length=recipe.data.max_length,
+            objective=task.scoring_objective(recipe),
+            build_optimizer=build_optimizer,
         )
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
         model = method.apply(model, recipe.method, run_info)
@@ -275,20 +273,10 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             )
         model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
-        if recipe.task == "classification":
-            from ftkit.train.classify import Classification, write_labels
-
-            objective = Classification()
-            objective_facts = write_labels(run_dir, splits) if is_main else {}
-        else:
-            objective, objective_facts = SFT(CausalLMLoss.from_recipe(recipe)), {}
-        if recipe.objective.is_preference:
-            from ftkit.train.preference import prepare_objective
-
-            with distributed.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
-                objective, objective_facts = prepare_objective(
-                    recipe, unwrapped, splits, where, accelerator.device, tokenizer.pad_token_id
-                )
+        with distributed.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
+            objective, objective_facts = task.objective(
+                recipe, unwrapped, splits, where, accelerator.device, tokenizer.pad_token_id
+            )
         if method_hooks.regularizer is not None:
             objective = Regularized(objective, method_hooks.regularizer)
         checkpoint_size = estimate_checkpoint_bytes(unwrapped, cfg.optimizer)
@@ -311,7 +299,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         wall_before = float(saved.get("wall_s", 0.0))
         last_saved = {"step": state.step if resume_from is not None else None}
         # line-buffered: a crash loses one line at most
-        metrics = (run_dir / "metrics.jsonl").open("a", buffering=1) if is_main else None
+        metrics = (run_dir / METRICS).open("a", buffering=1) if is_main else None
 
         def trainer_state(s: TrainState) -> dict:
             return s.to_dict() | {
@@ -382,17 +370,15 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                     _assert_finite(unwrapped)
                     to_save, _ = distributed.gathered(accelerator, model)  # every process
                     if is_main and method_hooks.save_final is not None:
-                        method_hooks.save_final(unwrapped, run_dir / "final")  # never sharded: check_method_hooks
-                        tokenizer.save_pretrained(run_dir / "final")
+                        method_hooks.save_final(unwrapped, run_dir / FINAL)  # never sharded: check_method_hooks
+                        tokenizer.save_pretrained(run_dir / FINAL)
                     elif is_main:
-                        save_weights(to_save, tokenizer, run_dir / "final")
+                        save_weights(to_save, tokenizer, run_dir / FINAL)
                     if is_main and base is not None and recipe.method.is_adapter:
-                        _point_adapter_to(run_dir / "final", base)
+                        _point_adapter_to(run_dir / FINAL, base)
                     # every process generates (a sharded model gathers in forward), so all must agree
-                    # a classifier generates no text: its val accuracy is in metrics.jsonl and the report
-                    is_generator = recipe.task == "causal_lm"
                     if (
-                        is_generator
+                        task.generates_text
                         and cfg.samples
                         and splits.val
                         and not distributed.any_process(accelerator, stop.requested)
@@ -470,17 +456,6 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         loss, val_loss = summary.get("final_loss"), summary.get("final_val_loss")
         log(f"done in {wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {run_dir}")
         return summary
-
-
-def _has_completed(run_dir: Path) -> bool:
-    """True when the run wrote final/ and its summary says it completed."""
-    summary = run_dir / "summary.json"
-    if not (run_dir / "final").is_dir() or not summary.is_file():
-        return False
-    try:
-        return json.loads(summary.read_text()).get("facts", {}).get("status") == "completed"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _check_free_space(run_dir: Path, checkpoint_bytes: int, cfg: Any, free: int) -> None:
@@ -613,7 +588,7 @@ def _write_samples(
     by_source = {source: row for row, source in read_rows(recipe.data.val or recipe.data.train)}
     rows = [by_source[example.source] for example in val[: recipe.train.samples]]
     model.eval()
-    sink = (run_dir / "samples.jsonl").open("w") if write else contextlib.nullcontext(io.StringIO())
+    sink = (run_dir / SAMPLES).open("w") if write else contextlib.nullcontext(io.StringIO())
     with sink as out, torch.no_grad():
         for row in rows:
             prompt, target = render_prompt(row, recipe.data.format, tokenizer)
@@ -638,4 +613,4 @@ def _stderr_logger():
     return log
 
 
-__all__ = ["run_training", "prepare_run_dir", "RunLock", "FtkitError"]
+__all__ = ["run_training", "prepare_run_dir", "RunLock", "FtkitError", "RUN_ENTRIES"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import make_recipe, read_metrics, run_cli
+from tests.support.helpers import make_recipe, read_metrics, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 #: 61 examples in global batches of 4: each epoch has one batch of a single example (the 4th of

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from ftkit.errors import ResourceError
+from ftkit.tasks.causal_lm import SFT
 from ftkit.train import checkpoint as checkpoint_module
 from ftkit.train.checkpoint import verify_checkpoint
-from ftkit.train.objective import SFT
 from ftkit.train.run import RunLock
-from tests.helpers import make_recipe, run_cli
-from tests.resume_helpers import ROOT, sections, train, trajectory, tree_digest
+from tests.support.helpers import make_recipe, run_cli
+from tests.support.resume_helpers import ROOT, sections, train, trajectory, tree_digest
 
 RECIPE = sections(train={"max_steps": 8, "eval_every": None})
 
@@ -210,7 +210,7 @@ def test_remote_code_needs_the_recipe_flag(tmp_path, tiny_data):
     """R26: a model directory that ships code (auto_map) is refused naming the key; with
     model.trust_remote_code it loads the code and says so loudly. The child process keeps
     transformers' module cache inside tmp_path."""
-    from ftkit.models import materialize_builtin
+    from ftkit.models.builtin import materialize_builtin
 
     model_dir = materialize_builtin("builtin:micro-llama", tmp_path / "remote-model", seed=0)
     config = json.loads((model_dir / "config.json").read_text())

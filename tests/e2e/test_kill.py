@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from tests.helpers import make_recipe
-from tests.resume_helpers import (
+from tests.support.helpers import make_recipe
+from tests.support.resume_helpers import (
     ROOT,
     assert_same_run,
     recorded_batches,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_recipe, read_metrics, run_cli
+from tests.support.helpers import make_recipe, read_metrics, run_cli
 
 
 def test_packed_offloaded_run_learns_and_reports_speed(tmp_path, tiny_data):

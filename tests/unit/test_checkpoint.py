@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftkit.errors import RunDirError
-from ftkit.optim import build_optimizer
 from ftkit.recipe import parse_recipe
 from ftkit.recipe.schema import TrainSection
 from ftkit.train import checkpoint as ckpt
 from ftkit.train.faults import parse
+from ftkit.train.optim import build_optimizer
 from ftkit.train.resume import check_recipe_change, truncate_metrics
 from ftkit.train.signals import StopSignals
 

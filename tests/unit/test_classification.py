@@ -15,10 +15,10 @@ import torch
 from ftkit.data import load_splits
 from ftkit.data.classification import encode_text, label_names
 from ftkit.errors import DataError, RecipeError
+from ftkit.models.builtin import build_byte_tokenizer
 from ftkit.recipe import parse_recipe
 from ftkit.recipe.schema import DataSection
-from ftkit.tokenizer import build_byte_tokenizer
-from tests.helpers import write_jsonl
+from tests.support.helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER = "task: classification\nmethod: {name: lora}\ndata: {train: t.jsonl}\n"
@@ -167,7 +167,7 @@ def test_text_is_bos_text_eos_and_truncation_keeps_eos_last():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from ftkit.models import build_model
+    from ftkit.models.load import build_model
     from ftkit.recipe.schema import ModelSection
 
     model, tokenizer, _ = build_model(ModelSection(name="builtin:micro-llama"), "cpu", 0, labels=["a", "b", "c"])
@@ -185,7 +185,7 @@ def test_logits_do_not_depend_on_the_batch(classifier):
     """Left padding with position ids from 0 at each text's first token: a short text's logits in a
     batch with a long one equal its logits alone (fp32 rounding only, 1e-5)."""
     from ftkit.data.classification import ClassExample
-    from ftkit.train.classify import class_logits, collate_left
+    from ftkit.tasks.classification import class_logits, collate_left
 
     model, tokenizer = classifier
     short = ClassExample(encode_text("ok", tokenizer, 64)[0], 0, "s")
@@ -201,7 +201,7 @@ def test_logits_do_not_depend_on_the_batch(classifier):
 
 def test_freeze_trains_the_new_head(classifier):
     from ftkit.methods import get_method
-    from ftkit.methods.configs import FreezeConfig
+    from ftkit.recipe.methods import FreezeConfig
 
     model, _ = classifier
     get_method("freeze").apply(model, FreezeConfig(trainable_layers=0, trainable_modules=["norm"]), None)
@@ -211,7 +211,7 @@ def test_freeze_trains_the_new_head(classifier):
 
 def test_objective_sums_cross_entropy_and_counts_correct(classifier):
     from ftkit.data.classification import ClassExample
-    from ftkit.train.classify import Classification, class_logits
+    from ftkit.tasks.classification import Classification, class_logits
 
     model, tokenizer = classifier
     examples = [ClassExample(encode_text(t, tokenizer, 64)[0], y, t) for t, y in (("x", 0), ("yy", 2), ("z", 1))]

@@ -14,8 +14,8 @@ from ftkit.data import batch_order, collate, load_splits, read_rows, render_prom
 from ftkit.data.encode import Example, _tokenize_pieces, _tokenize_spans
 from ftkit.data.formats import render_chat
 from ftkit.errors import DataError
+from ftkit.models.builtin import build_byte_tokenizer
 from ftkit.recipe.schema import DataSection
-from ftkit.tokenizer import build_byte_tokenizer
 
 ALPACA = [
     {"instruction": "Add.", "input": "2+2", "output": "4"},

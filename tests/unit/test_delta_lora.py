@@ -12,8 +12,8 @@ from accelerate.utils import set_seed
 
 from ftkit.errors import ModelError, RecipeError
 from ftkit.methods import RunInfo, get_method
-from ftkit.methods.configs import DeltaLoraConfig, LoraConfig
 from ftkit.recipe import parse_recipe
+from ftkit.recipe.methods import DeltaLoraConfig, LoraConfig
 
 RATIO, START, STEPS = 0.5, 2, 6
 
@@ -22,7 +22,7 @@ RATIO, START, STEPS = 0.5, 2, 6
 def micro(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from ftkit.models import materialize_builtin
+    from ftkit.models.builtin import materialize_builtin
 
     path = materialize_builtin("builtin:micro-llama", tmp_path_factory.mktemp("micro") / "base", seed=0)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ftkit.methods import get_method
-from ftkit.methods.configs import LongloraConfig
 from ftkit.methods.longlora import register_attention, shifted_sparse_attention
-from tests.helpers import make_recipe, run_cli
+from ftkit.recipe.methods import LongloraConfig
+from tests.support.helpers import make_recipe, run_cli
 
 TRAINING = SimpleNamespace(training=True, num_key_value_groups=2, is_causal=True)
 
@@ -108,7 +108,7 @@ def s2_model():
     """micro-llama (4 heads, 2 KV heads) in fp64, with S²-Attn for G = 8."""
     from transformers import LlamaForCausalLM
 
-    from ftkit.models import builtin_config
+    from ftkit.models.builtin import builtin_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(builtin_config("builtin:micro-llama")).double()
@@ -167,7 +167,7 @@ def test_packed_rows_keep_each_example_apart(s2_model):
 def micro_llama(**config):
     from transformers import LlamaForCausalLM
 
-    from ftkit.models import builtin_config
+    from ftkit.models.builtin import builtin_config
 
     torch.manual_seed(0)
     cfg = builtin_config("builtin:micro-llama")
@@ -202,7 +202,7 @@ def test_tied_embeddings_stay_tied_to_the_trained_copy():
 def test_non_rotary_model_is_refused_in_one_line():
     from transformers import GPT2Config
 
-    from ftkit.models import builtin_config
+    from ftkit.models.builtin import builtin_config
 
     (problem,) = get_method("longlora").model_problems(LongloraConfig(), GPT2Config(n_layer=1))
     assert problem.startswith("method.name: longlora") and "rotary" in problem and "gpt2" in problem
@@ -218,7 +218,7 @@ def test_cli_refuses_a_non_rotary_model_before_loading_weights(tmp_path, tiny_da
     """A GPT-2 directory with no weights file at all: the refusal must come first."""
     from transformers import GPT2Config
 
-    from ftkit.tokenizer import build_byte_tokenizer
+    from ftkit.models.builtin import build_byte_tokenizer
 
     model_dir = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=262).save_pretrained(model_dir)
@@ -253,7 +253,7 @@ def test_position_interpolation_is_set_before_loading_and_kept_in_base(tmp_path)
     materialised there, only gets its config.json rewritten. Reloading base/ gives the same model."""
     from transformers import AutoModelForCausalLM
 
-    from ftkit.models import build_model
+    from ftkit.models.load import build_model
     from ftkit.recipe.schema import ModelSection
 
     changes = get_method("longlora").model_config_changes(LongloraConfig(rope_scaling_factor=4.0), micro_llama().config)

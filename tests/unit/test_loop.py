@@ -11,11 +11,11 @@ from accelerate import Accelerator
 
 from ftkit.data import Example, batch_order, collate
 from ftkit.methods import get_method
-from ftkit.methods.configs import LoraConfig
-from ftkit.models import build_model
-from ftkit.optim import build_optimizer
+from ftkit.models.load import build_model
+from ftkit.recipe.methods import LoraConfig
 from ftkit.recipe.schema import ModelSection, TrainSection
 from ftkit.train.loop import TrainState, train_loop
+from ftkit.train.optim import build_optimizer
 
 
 def random_examples(n: int, seed: int, vocab: int) -> list[Example]:

@@ -11,8 +11,10 @@ from accelerate.utils import set_seed
 
 from ftkit.errors import ModelError
 from ftkit.methods import RunInfo, get_method
-from ftkit.methods.configs import LoraConfig, LoraDropConfig
 from ftkit.methods.lora_drop import choose_layers
+from ftkit.recipe.methods import LoraConfig, LoraDropConfig
+from ftkit.tasks.causal_lm import SFT
+from ftkit.train.optim import build_optimizer
 
 LAYERS = [f"model.layers.{i}" for i in range(4)]
 
@@ -29,13 +31,21 @@ def test_keeps_the_fewest_most_important_layers_reaching_the_threshold(threshold
 @pytest.fixture(scope="module")
 def setting(deep_micro_base, tiny_data):
     from ftkit.data import load_splits
+    from ftkit.models.builtin import build_byte_tokenizer
     from ftkit.recipe.schema import DataSection, TrainSection
-    from ftkit.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     examples = load_splits(DataSection(train=str(tiny_data / "train.jsonl"), max_length=128), tokenizer, 0).train
     train = TrainSection(lr=1e-2, batch_size=8, max_steps=10)
-    return deep_micro_base, RunInfo(total_steps=10, train=train, examples=examples, pad_id=tokenizer.pad_token_id)
+    run = RunInfo(
+        total_steps=10,
+        train=train,
+        examples=examples,
+        pad_id=tokenizer.pad_token_id,
+        objective=SFT(),
+        build_optimizer=build_optimizer,
+    )
+    return deep_micro_base, run
 
 
 def base_model(path):

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ftkit.data import collate
-from ftkit.losses import CausalLMLoss, chunked_cross_entropy_sum
 from ftkit.methods import get_method
-from ftkit.methods.configs import LoraConfig
-from ftkit.models import build_model
+from ftkit.models.load import build_model
+from ftkit.recipe.methods import LoraConfig
 from ftkit.recipe.schema import ModelSection
+from ftkit.tasks.losses import CausalLMLoss, chunked_cross_entropy_sum
 from tests.unit.test_loop import random_examples
 
 

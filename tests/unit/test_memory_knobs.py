@@ -11,12 +11,12 @@ import torch
 
 from ftkit.data import collate
 from ftkit.data.packing import pack_examples
-from ftkit.losses import CausalLMLoss
 from ftkit.methods import get_method
-from ftkit.methods.configs import LoraConfig
-from ftkit.models import build_model, compile_layers
+from ftkit.models.load import build_model, compile_layers
+from ftkit.recipe.methods import LoraConfig
 from ftkit.recipe.schema import ModelSection
-from tests.helpers import make_recipe, run_cli
+from ftkit.tasks.losses import CausalLMLoss
+from tests.support.helpers import make_recipe, run_cli
 from tests.unit.test_loop import random_examples
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from ftkit.commands.merge_models import MergeConfig, load_merge_config, merge_tensors, slerp
 from ftkit.errors import RecipeError
-from ftkit.merging import MergeConfig, load_merge_config, merge_tensors, slerp
 
 
 def config(method: str, weights: list[float], **extra) -> MergeConfig:

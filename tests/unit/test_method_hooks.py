@@ -13,13 +13,14 @@ from accelerate import Accelerator
 from ftkit.data import Example, collate
 from ftkit.errors import ModelError
 from ftkit.methods import RunInfo, get_method
-from ftkit.methods import configs as c
 from ftkit.methods.adalora import orthogonality_penalty
-from ftkit.models import build_model
-from ftkit.optim import build_optimizer
+from ftkit.models.load import build_model
+from ftkit.recipe import methods as c
 from ftkit.recipe.schema import ModelSection, TrainSection
-from ftkit.train.loop import Hooks, TrainState, evaluate, train_loop
-from ftkit.train.objective import SFT, Regularized, token_logits
+from ftkit.tasks.causal_lm import SFT, token_logits
+from ftkit.tasks.objective import Regularized, evaluate
+from ftkit.train.loop import Hooks, TrainState, train_loop
+from ftkit.train.optim import build_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def test_pissa_starts_at_the_base_model(micro):
 
 def test_loftq_says_it_needs_a_gpu_before_building_anything(micro):
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: LoftQ is tested end to end in tests/e2e/test_gpu_methods.py")
+        pytest.skip("this machine has CUDA: LoftQ is tested end to end in tests/integration/test_gpu_methods.py")
     with pytest.raises(ModelError, match="method.init: loftq runs on a CUDA GPU only"):
         applied(micro, c.QloraConfig(init="loftq"))
 
@@ -258,8 +259,8 @@ def test_model_problems_stop_the_run_before_loading_weights(tmp_path, tiny_data)
     so reaching weight loading would have failed differently."""
     from transformers import MambaConfig
 
-    from ftkit.tokenizer import build_byte_tokenizer
-    from tests.helpers import make_recipe, run_cli
+    from ftkit.models.builtin import build_byte_tokenizer
+    from tests.support.helpers import make_recipe, run_cli
 
     model_dir = tmp_path / "mamba-without-weights"
     MambaConfig(vocab_size=262, hidden_size=16, num_hidden_layers=1).save_pretrained(model_dir)

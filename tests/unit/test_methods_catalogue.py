@@ -15,8 +15,8 @@ from ftkit.methods import REGISTRY
 from ftkit.recipe import load_recipe, parse_recipe
 from ftkit.recipe.describe import yaml_scalar
 from ftkit.recipe.schema import Recipe
-from tests.helpers import run_cli
-from tests.methods_table import METHOD_CASES
+from tests.support.helpers import run_cli
+from tests.support.methods_table import METHOD_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 METHOD_RECIPES = ROOT / "recipes" / "methods"

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ftkit.optim import build_optimizer, lr_at
 from ftkit.recipe.schema import TrainSection
+from ftkit.train.optim import build_optimizer, lr_at
 
 
 def cfg(**kw) -> TrainSection:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from ftkit.data import Example, batch_order, collate
 from ftkit.data.packing import pack_examples, padding_efficiency
-from ftkit.losses import CausalLMLoss, model_inputs
-from ftkit.models import build_model
+from ftkit.models.load import build_model
 from ftkit.recipe.schema import ModelSection
+from ftkit.tasks.losses import CausalLMLoss, model_inputs
 from tests.unit.test_loop import random_examples
 
 

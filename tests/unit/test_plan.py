@@ -11,7 +11,7 @@ import pytest
 
 from ftkit.plan import GIB, estimate, memory_warning
 from ftkit.recipe import parse_recipe
-from tests.helpers import make_recipe, run_cli
+from tests.support.helpers import make_recipe, run_cli
 
 LLAMA_31_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -13,14 +13,12 @@ from accelerate import Accelerator
 from ftkit.data import PreferencePair, load_splits
 from ftkit.errors import DataError, RecipeError, RunDirError
 from ftkit.methods import get_method
-from ftkit.methods.configs import FullConfig, LoraConfig
-from ftkit.models import build_model
-from ftkit.optim import build_optimizer
+from ftkit.models.builtin import build_byte_tokenizer
+from ftkit.models.load import build_model
 from ftkit.recipe import parse_recipe
+from ftkit.recipe.methods import FullConfig, LoraConfig
 from ftkit.recipe.schema import DataSection, ModelSection, ObjectiveSection, TrainSection
-from ftkit.tokenizer import build_byte_tokenizer
-from ftkit.train.loop import TrainState, train_loop
-from ftkit.train.preference import (
+from ftkit.tasks.preference import (
     DisabledAdapter,
     FrozenCopy,
     ModelReference,
@@ -30,7 +28,9 @@ from ftkit.train.preference import (
     load_reference_logps,
     sequence_logps,
 )
-from ftkit.train.preference.reference import attach, compute_reference_logps, save_reference_logps
+from ftkit.tasks.preference.reference import attach, compute_reference_logps, save_reference_logps
+from ftkit.train.loop import TrainState, train_loop
+from ftkit.train.optim import build_optimizer
 
 PAIR = {"prompt": "Add.\n\n2+2", "chosen": "4", "rejected": "5"}
 CONVERSATION = {

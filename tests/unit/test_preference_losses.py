@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ftkit.train.preference.losses import LOSSES, PairLogps, dpo, ipo, orpo, simpo
+from ftkit.tasks.preference.losses import LOSSES, PairLogps, dpo, ipo, orpo, simpo
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer", reason="TRL is a dev extra: pip install -e '.[dev]'")
 from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402

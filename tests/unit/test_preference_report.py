@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ftkit.preference_report import CHANCE, INVERTED, LEARNING, TOO_SHORT, summarize_preferences
 from ftkit.report import write_report
+from ftkit.tasks.preference.report import CHANCE, INVERTED, LEARNING, TOO_SHORT, summarize_preferences
 
 
 def records(val_accuracy: list[float], val_chosen: list[float]) -> list[dict]:

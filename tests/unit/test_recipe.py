@@ -20,7 +20,7 @@ from ftkit.methods import REGISTRY
 from ftkit.recipe import dump_recipe, load_recipe, parse_recipe
 from ftkit.recipe.schema import Recipe
 from ftkit.recipe.yaml_loader import YamlError, load_yaml
-from tests.helpers import run_cli
+from tests.support.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = "method: {name: lora}\ndata: {train: data.jsonl}\n"

@@ -1,12 +1,12 @@
-"""stdout is data: what libraries print while a command runs lands on stderr (ftkit.stdout)."""
+"""stdout is data: what libraries print while a command runs lands on stderr (ftkit.io)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 
-from ftkit import stdout
-from tests.helpers import run_cli
+from ftkit import io as stdout
+from tests.support.helpers import run_cli
 
 
 def test_library_prints_go_to_stderr_and_command_output_to_stdout():

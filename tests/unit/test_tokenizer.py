@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from ftkit.tokenizer import DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
+from ftkit.data.formats import DEFAULT_CHAT_TEMPLATE
+from ftkit.models.builtin import build_byte_tokenizer
 
 TEXTS = [
     "hello world",

@@ -1,0 +1,40 @@
+"""The README's "After training" commands run as written on a (very short) quickstart run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from tests.integration.test_readme import README, blocks
+from tests.support.helpers import run_cli
+
+
+def after_training_commands() -> list[list[str]]:
+    """The block's commands as argument lists, split as a shell would (a quoted prompt spans lines)."""
+    block = next(b for b in blocks("") if b.startswith("ftkit eval runs/quickstart"))
+    words = shlex.split(block, comments=True)
+    starts = [i for i, word in enumerate(words) if word == "ftkit"] + [len(words)]
+    return [words[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_after_training_commands_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(README.parent)
+    run = tmp_path / "quickstart"
+    code, _, err = run_cli("train", "recipes/quickstart.yaml", "--set", "train.max_steps=2", "--set",
+                           "train.samples=0", "--output-dir", str(run))  # fmt: skip
+    assert code == 0, err
+    ran = set()
+    for command in after_training_commands():
+        if "runs/quickstart" not in command:  # merge --config and extract need runs the README only sketches
+            continue
+        args = [str(run) if a == "runs/quickstart" else a for a in command]
+        args = [str(tmp_path / a) if a.startswith("merged/") else a for a in args]
+        if args[0] == "eval":
+            args += ["--max-samples", "4"]  # the command as written, on 4 of the 100 val rows
+        if args[0] == "generate":
+            args += ["--max-new-tokens", "16"]
+        code, out, err = run_cli(*args)
+        assert code == 0, (args, err)
+        ran.add(args[0])
+    assert ran == {"eval", "generate", "merge"}
+    assert json.loads((tmp_path / "merged" / "quickstart" / "merge_report.json").read_text())["merge"]["passed"]
