@@ -12,23 +12,15 @@ from typing import Any
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import CLASSIFIER_HEADS, is_classifier
 from ftkit.methods.base import RunInfo
+from ftkit.models.load import decoder_layers
 from ftkit.recipe.methods import FreezeConfig
-
-
-def decoder_layers(model: Any) -> Any:
-    """The ModuleList of decoder blocks: the longest ModuleList with num_hidden_layers entries."""
-    import torch
-
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-    if not lists:
-        raise ModelError("method.name: freeze cannot find the model's decoder layers; use lora or full")
-    return lists[0]
 
 
 def apply(model: Any, config: FreezeConfig, run: RunInfo) -> Any:
     model.requires_grad_(False)
     layers = decoder_layers(model)
+    if layers is None:
+        raise ModelError("method.name: freeze cannot find the model's decoder layers; use lora or full")
     if config.trainable_layers > len(layers):
         raise ModelError(
             f"method.trainable_layers: {config.trainable_layers} is more than the model's {len(layers)} layers"

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ftkit.errors import ModelError
 from ftkit.models.builtin import builtin_config, is_builtin, label_config, materialize_builtin
 from ftkit.recipe.schema import ModelSection
@@ -222,6 +224,13 @@ def check_attention(cfg: ModelSection, device_type: str) -> None:
         )
 
 
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of decoder blocks (the longest ModuleList with num_hidden_layers entries), or None."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    return lists[0] if lists else None
+
+
 def compile_layers(model: Any) -> int:
     """Compile every decoder layer in place (`nn.Module.compile`); returns how many.
 
@@ -229,9 +238,9 @@ def compile_layers(model: Any) -> int:
     serves them all (compile time does not grow with depth), and the loss, the optimizer
     and peft's wrapper stay in eager mode, where data-dependent shapes cost no recompiles.
     """
-    from ftkit.methods.freeze import decoder_layers
-
     layers = decoder_layers(model)
+    if layers is None:
+        raise ModelError("model.torch_compile: cannot find the model's decoder layers to compile; remove it")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
