@@ -34,7 +34,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 from ftkit.errors import ArgumentError, DataError, FtkitError
 from ftkit.models.target import Target
+from ftkit.tasks.causal_lm import SFTWithAccuracy
 
 #: tokens each row may generate beyond its reference's length: room to show a model that does not stop
 GENERATION_SLACK_TOKENS = 16
@@ -95,51 +95,6 @@ def load_eval_set(
         stem = Path(recipe.data.val).stem if recipe.data.val else "heldout"
     by_source = {source: row for row, source in read_rows(source_file)}
     return EvalSet(examples, [by_source[ex.source] for ex in examples], fmt, label, stem, own_val=data is None)
-
-
-def full_logits_sft() -> Any:
-    """The SFT objective computing its loss from the model's full logits (`chunk_size=None`).
-
-    Used wherever a model is only evaluated: the sum is the training loss (equal to the
-    chunked one to float rounding), and it works on any model (adapted heads, disk-offloaded
-    layers) without the chunked path's probe.
-    """
-    from ftkit.tasks.causal_lm import SFT
-    from ftkit.tasks.losses import CausalLMLoss
-
-    return SFT(CausalLMLoss(chunk_size=None))
-
-
-class SFTWithAccuracy:
-    """The SFT objective (same loss code) plus a count of correctly predicted trained tokens.
-
-    Accuracy needs the logits, so the training loss runs in its full-logits mode
-    (`CausalLMLoss(chunk_size=None)`: the same sum, equal to the chunked one to float
-    rounding), and the model is wrapped so that forward pass hands its logits over:
-    one forward per batch.
-    """
-
-    def __init__(self) -> None:
-        self._sft = full_logits_sft()
-
-    def collate(self, examples: Sequence[Any], pad_id: int) -> dict:
-        return self._sft.collate(examples, pad_id)
-
-    def units(self, batch: dict) -> int:
-        return self._sft.units(batch)
-
-    def loss_sum(self, model: Any, batch: dict) -> tuple[Any, dict[str, Any]]:
-        seen: dict[str, Any] = {}
-
-        def forward(**inputs: Any) -> Any:
-            seen["out"] = out = model(**inputs)
-            return out
-
-        loss, metrics = self._sft.loss_sum(forward, batch)
-        labels = batch["labels"][:, 1:]
-        predicted = seen["out"].logits[:, :-1, :].argmax(dim=-1)
-        correct = ((predicted == labels) & (labels != -100)).sum()
-        return loss, metrics | {"token_accuracy": correct}
 
 
 def normalize(text: str) -> str:

@@ -56,8 +56,8 @@ def extract_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ftkit.commands.merge import check_out, publish
     from ftkit.commands.merge_models import _Tensors, check_same_architecture
+    from ftkit.io import check_out, publish
     from ftkit.models.target import load_model, load_tokenizer, resolve_target
 
     if (rank is None) == (energy is None):
@@ -181,9 +181,10 @@ def _val_losses(
     n: int | None,
 ) -> dict:
     """Val loss of base, base + extracted adapter (as saved) and the full fine-tune, one model at a time."""
-    from ftkit.commands.eval import full_logits_sft, load_eval_set
+    from ftkit.commands.eval import load_eval_set
     from ftkit.errors import DataError
     from ftkit.models.target import attach_adapter, device_type, load_model
+    from ftkit.tasks.causal_lm import full_logits_sft
     from ftkit.tasks.objective import evaluate
 
     if data is None and tuned_target.recipe is None:

@@ -55,8 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import ArgumentError, FtkitError, ModelError, RunDirError, VerificationError
+from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
+from ftkit.io import check_out, publish
 from ftkit.models.target import Target
+from ftkit.tasks import TASKS, Task
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
 #: W + sBA vs W x + s B(A x) stays near 1e-6 on small models; 1e-4 leaves room for deep ones.
@@ -121,6 +123,7 @@ def merge_adapter(
     trained_dtype = _dtype_name(resolve_dtype(target.model_cfg.dtype, device_type()))
     tol = MERGE_TOLERANCE[merge_dtype] if tolerance is None else tolerance
     tokenizer = load_tokenizer(target)
+    task = TASKS[target.task]
     examples, sample_source = verification_examples(target, tokenizer, data, fmt, samples)
     budget = max_memory or int(0.9 * _available_ram())
     need = _estimate_bytes(target, merge_dtype)
@@ -142,7 +145,7 @@ def merge_adapter(
 
     trained = None
     if quantized_run or trained_dtype != merge_dtype:
-        trained = _scores_of(lambda: _load_as_trained(target, tokenizer), examples, tokenizer)
+        trained = _scores_of(lambda: _load_as_trained(target, tokenizer), examples, tokenizer, task)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     offload = out.parent / f".{out.name}.offload-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,15 +153,18 @@ def merge_adapter(
         if staging.exists():
             shutil.rmtree(staging)
         if low_memory:
-            base, unmerged = _reference_streamed(target, tokenizer, examples, merge_dtype, budget, offload)
+            base, unmerged = _reference_streamed(target, tokenizer, examples, merge_dtype, budget, offload, task)
             stream_merge(Path(target.base), Path(target.weights), staging, merge_dtype, max_shard_size)
         else:
             base, unmerged = _merge_in_memory(
-                target, tokenizer, examples, merge_dtype, from_quantized, staging, max_shard_size
+                target, tokenizer, examples, merge_dtype, from_quantized, staging, max_shard_size, task
             )
         tokenizer.save_pretrained(staging)
         merged = _scores_of(
-            lambda: _load_plain(staging, merge_dtype, budget if low_memory else None, offload), examples, tokenizer
+            lambda: _load_plain(staging, merge_dtype, budget if low_memory else None, offload),
+            examples,
+            tokenizer,
+            task,
         )
         report = _report(
             target, out, merge_dtype, merge_target, from_quantized, low_memory, tol, val_loss_tolerance,
@@ -193,20 +199,6 @@ def _check_mergeable(target: Target, from_quantized: bool) -> None:
         raise ModelError(f"{target.weights}: a {config['peft_type']} adapter adds tokens, it has no weights to merge")
     if from_quantized and target.model_cfg.quantization is None:
         raise ModelError("--from-quantized: the base of this adapter is not 4-bit; drop the flag")
-
-
-def check_out(out: Path, overwrite: bool, inputs: list[tuple[str, str | None]]) -> None:
-    """Refuse an existing --out without --overwrite, and any --out that overlaps an input (what, path)."""
-    resolved = out.resolve()
-    for what, path in inputs:
-        if path and Path(path).exists():
-            source = Path(path).resolve()
-            if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-                raise RunDirError(f"--out: {out} overlaps the {what} {path}; choose a directory outside it")
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out: {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(f"--out: {out} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def streaming_unsupported(target: Target, tokenizer: Any) -> str | None:
@@ -255,67 +247,26 @@ def verification_examples(
             _log(f"note: verifying on random tokens: the run's validation data cannot be used ({err})")
     import torch
 
-    from ftkit.data import Example
-
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (n, SYNTHETIC_LENGTH), generator=generator).tolist()
-    if is_classifier:
-        from ftkit.data import ClassExample
-
-        examples = [ClassExample(row, 0, f"synthetic:{i}") for i, row in enumerate(ids)]
-    else:
-        examples = [Example(row, [-100, *row[1:]], f"synthetic:{i}") for i, row in enumerate(ids)]
+    examples = TASKS[target.task].synthetic_examples(ids)
     return examples, f"{n} random token sequences of length {SYNTHETIC_LENGTH} (seed 0; pass --data for real text)"
 
 
-def score(model: Any, examples: list[Any], pad_id: int) -> Scores:
-    """Logits at the real positions of `examples` (one right-padded batch) and their SFT val loss;
-    for a classifier, its class logits and classification loss."""
-    import torch
-
-    from ftkit.data import ClassExample, collate
-
-    if examples and isinstance(examples[0], ClassExample):
-        from ftkit.tasks.classification import Classification, class_logits, collate_left
-        from ftkit.tasks.objective import evaluate
-
-        device = _input_device(model)
-        batch = {k: v.to(device) for k, v in collate_left(examples, pad_id).items()}
-        with torch.no_grad():
-            logits = class_logits(model, batch)
-        loss = evaluate(model, examples, len(examples), pad_id, device, Classification())["loss"]
-        return Scores(logits.float().cpu(), loss)
-    from ftkit.commands.eval import full_logits_sft
-    from ftkit.tasks.objective import evaluate
-
-    device = _input_device(model)
-    batch = collate(examples, pad_id)
-    with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
-    real = batch["attention_mask"].bool()
-    loss = evaluate(model, examples, len(examples), pad_id, device, full_logits_sft())["loss"]
-    return Scores(logits.float().cpu()[real], loss)
+def score(model: Any, examples: list[Any], pad_id: int, task: Task) -> Scores:
+    """What the merged model must reproduce: the task's outputs on `examples` and its loss."""
+    logits, loss = task.score(model, examples, pad_id)
+    return Scores(logits, loss)
 
 
-def _scores_of(load: Any, examples: list[Any], tokenizer: Any) -> Scores:
+def _scores_of(load: Any, examples: list[Any], tokenizer: Any, task: Task) -> Scores:
     """Load a model, score it, and free it before the next one is loaded (peak memory ≈ one model)."""
     model = load()
     try:
-        return score(model, examples, tokenizer.pad_token_id)
+        return score(model, examples, tokenizer.pad_token_id, task)
     finally:
         del model
         gc.collect()
-
-
-def _input_device(model: Any) -> Any:
-    import torch
-
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the two merge paths
@@ -335,6 +286,7 @@ def _merge_in_memory(
     from_quantized: bool,
     staging: Path,
     max_shard_size: int,
+    task: Task,
 ) -> tuple[Scores, Scores]:
     """peft's merge_and_unload on the merge target; returns (base, base + adapter unmerged) scores."""
     import torch
@@ -346,9 +298,9 @@ def _merge_in_memory(
     else:
         model = load_model(target, tokenizer, dtype=dtype, quantized=False, base_only=True)
     model.eval()
-    base = score(model, examples, tokenizer.pad_token_id)
+    base = score(model, examples, tokenizer.pad_token_id, task)
     model = attach_adapter(model, target.weights)
-    unmerged = score(model, examples, tokenizer.pad_token_id)
+    unmerged = score(model, examples, tokenizer.pad_token_id, task)
     model = model.merge_and_unload()
     model.config.dtype = getattr(torch, dtype)
     model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
@@ -380,7 +332,7 @@ def _load_plain(path: Path, dtype: str, budget: int | None, offload: Path) -> An
 
 
 def _reference_streamed(
-    target: Target, tokenizer: Any, examples: list[Any], dtype: str, budget: int, offload: Path
+    target: Target, tokenizer: Any, examples: list[Any], dtype: str, budget: int, offload: Path, task: Task
 ) -> tuple[Scores, Scores]:
     """(base, base + adapter) scores with the base offloaded beyond `budget`.
 
@@ -390,9 +342,9 @@ def _reference_streamed(
     """
     model = _load_plain(Path(target.base), dtype, budget, offload)
     try:
-        base = score(model, examples, tokenizer.pad_token_id)
+        base = score(model, examples, tokenizer.pad_token_id, task)
         with lora_hooks(model, Path(target.weights)):
-            unmerged = score(model, examples, tokenizer.pad_token_id)
+            unmerged = score(model, examples, tokenizer.pad_token_id, task)
     finally:
         del model
         gc.collect()
@@ -667,19 +619,6 @@ def _lora_keys(directory: Path) -> list[str]:
         with safe_open(str(file), framework="pt") as reader:
             keys += [k for k in reader.keys() if "lora_" in k]  # noqa: SIM118
     return keys
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the verified staging dir to `out`; an existing `out` (--overwrite) is replaced only now."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def summary_line(report: dict) -> str:

@@ -243,7 +243,7 @@ def slerp(t: float, v0: Any, v1: Any) -> Any:
 
 def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Merge as `config` says into `out` (staged, then renamed); return {"summary": ...}."""
-    from ftkit.commands.merge import check_out
+    from ftkit.io import check_out
 
     out = Path(out)
     inputs = [m.model for m in config.models] + [s.model for s in config.slices] + [config.base]
@@ -263,7 +263,7 @@ def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = Fal
         (staging / "merge_config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
         summary |= {"method": config.method, "out": str(out), "wall_s": time.perf_counter() - started}
         (staging / "merge_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from ftkit.commands.merge import publish
+        from ftkit.io import publish
 
         publish(staging, out)
     finally:

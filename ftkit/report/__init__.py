@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.errors import RunDirError
+from ftkit.io import write_atomic
 from ftkit.rundir import EVAL_GLOB, METRICS, PLOT, REPORT, SAMPLES, SUMMARY
 from ftkit.tasks import task_of_run
 
@@ -291,13 +292,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a sibling temp file + os.replace, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -316,12 +310,12 @@ def write_report(run_dir: Path, facts: dict | None = None) -> dict:
         facts = _read_facts(summary_path)
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     summary = json_safe(summarize(records, dict(facts)))
-    _write_atomic(summary_path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(summary_path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
     train, val = split_curves(records)
     plot_loss(train, val, run_dir / PLOT_FILE, title=_title(summary["facts"]))
     samples = _read_samples(run_dir / SAMPLES_FILE)
     markdown = render_markdown(summary, samples) + _evaluation_section(newest_eval(run_dir))
-    _write_atomic(run_dir / REPORT_FILE, markdown.encode())
+    write_atomic(run_dir / REPORT_FILE, markdown.encode())
     return summary
 
 

@@ -17,6 +17,7 @@ is one module with such a class and one line in `TASKS`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +55,14 @@ class Task(Protocol):
 
     def report_section(self, summary: dict, facts: dict) -> str:
         """report.md's section for this task, from what `summarize` returned."""
+        ...
+
+    def synthetic_examples(self, rows: list[list[int]]) -> list[Any]:
+        """Random token rows as this task's examples, for checks that need inputs but have no data."""
+        ...
+
+    def score(self, model: Any, examples: Sequence[Any], pad_id: int) -> tuple[Any, float]:
+        """(the outputs a merged model must reproduce, float32 on the CPU; the loss over `examples`)."""
         ...
 
 

@@ -31,6 +31,8 @@ import torch
 from ftkit.data.classification import ClassExample
 from ftkit.recipe.schema import Recipe
 from ftkit.rundir import LABELS
+from ftkit.tasks.causal_lm import input_device
+from ftkit.tasks.objective import evaluate
 
 
 def collate_left(examples: Sequence[ClassExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -171,3 +173,16 @@ class ClassificationTask:
 
     def report_section(self, summary: dict, facts: dict) -> str:
         return classification_section(summary, facts)
+
+    def synthetic_examples(self, rows: list[list[int]]) -> list[ClassExample]:
+        """Random token rows as examples of class 0 (merge verification without data)."""
+        return [ClassExample(row, 0, f"synthetic:{i}") for i, row in enumerate(rows)]
+
+    def score(self, model: Any, examples: Sequence[ClassExample], pad_id: int) -> tuple[torch.Tensor, float]:
+        """(class logits of `examples` in one left-padded batch, float32 on the CPU, and their loss)."""
+        device = input_device(model)
+        batch = {k: v.to(device) for k, v in collate_left(examples, pad_id).items()}
+        with torch.no_grad():
+            logits = class_logits(model, batch)
+        loss = evaluate(model, examples, len(examples), pad_id, device, Classification())["loss"]
+        return logits.float().cpu(), loss

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 import torch
 
 from ftkit import distributed
-from ftkit.tasks.causal_lm import SFT
 
 
 class Objective(Protocol):
@@ -45,7 +44,7 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     device: Any,
-    objective: Objective | None = None,
+    objective: Objective,
     accelerator: Any = None,
 ) -> dict[str, float]:
     """Unit-weighted means over `examples`: `loss` (SFT: sum of token losses / trained tokens)
@@ -55,7 +54,6 @@ def evaluate(
     batch_size × N and the sums are added over processes, so every process returns the
     same means as one process would (all must call it: sharded models gather in forward).
     """
-    objective = objective or SFT()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     was_training = model.training
     model.eval()

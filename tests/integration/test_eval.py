@@ -54,6 +54,7 @@ def test_baseline_of_an_adapter_is_the_base_model(trained_runs, name):
     from ftkit.models.builtin import build_byte_tokenizer
     from ftkit.models.target import load_model, resolve_target
     from ftkit.recipe import load_recipe
+    from ftkit.tasks.causal_lm import SFT
     from ftkit.tasks.objective import evaluate
 
     run = trained_runs[name]
@@ -62,7 +63,7 @@ def test_baseline_of_an_adapter_is_the_base_model(trained_runs, name):
     tokenizer = build_byte_tokenizer()
     val = load_splits(recipe.data, tokenizer, recipe.train.seed).val
     base = load_model(resolve_target(run), tokenizer, base_only=True)  # NF4 for the QLoRA run
-    loss = evaluate(base, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"))["loss"]
+    loss = evaluate(base, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"), SFT())["loss"]
     assert result["base"]["loss"] == pytest.approx(loss, abs=1e-5)
 
 

@@ -28,7 +28,7 @@ def test_loftq_starts_closer_to_the_16_bit_model_and_trains(tmp_path, tiny_data)
     from ftkit.methods import RunInfo, get_method
     from ftkit.models.load import build_model
     from ftkit.recipe import load_recipe
-    from ftkit.tasks.causal_lm import token_logits
+    from ftkit.tasks.causal_lm import SFT, token_logits
     from ftkit.tasks.objective import evaluate
 
     method = {"name": "qlora", "r": 8, "alpha": 8, "dropout": 0.0, "init": "loftq"}
@@ -63,5 +63,7 @@ def test_loftq_starts_closer_to_the_16_bit_model_and_trains(tmp_path, tiny_data)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": 0})
     reloaded = PeftModel.from_pretrained(base, run_dir / "final")
-    val_loss = evaluate(reloaded, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cuda"))["loss"]
+    val_loss = evaluate(reloaded, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cuda"), SFT())[
+        "loss"
+    ]
     assert val_loss == pytest.approx(read_metrics(run_dir)[1][-1]["val_loss"], abs=1e-4)

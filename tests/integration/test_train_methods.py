@@ -14,7 +14,7 @@ import torch
 from ftkit.data import collate, load_splits
 from ftkit.recipe import load_recipe
 from ftkit.tasks import task_for
-from ftkit.tasks.causal_lm import token_logits
+from ftkit.tasks.causal_lm import SFT, token_logits
 from ftkit.tasks.objective import evaluate
 from ftkit.train.optim import build_optimizer
 from tests.support.helpers import read_metrics
@@ -125,7 +125,7 @@ def test_final_loads_and_matches_training(trained):
     """The reloaded final/ reproduces the val_loss the in-training model logged at the last step."""
     model = load_final(trained)
     recipe, tokenizer, val = trained.val_examples()
-    val_loss = evaluate(model, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"))["loss"]
+    val_loss = evaluate(model, val, recipe.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"), SFT())["loss"]
     _, logged = read_metrics(trained.run_dir)
     assert val_loss == pytest.approx(logged[-1]["val_loss"], abs=1e-5)
     if recipe.method.is_adapter:

@@ -19,7 +19,7 @@ import torch
 
 from ftkit.data import PreferencePair
 from ftkit.recipe.schema import PREFERENCE_OBJECTIVES, ObjectiveSection, Recipe
-from ftkit.tasks.causal_lm import SFT
+from ftkit.tasks.causal_lm import SFT, CausalLMTask
 from ftkit.tasks.objective import evaluate
 from ftkit.tasks.preference.objective import PreferenceObjective, sequence_logps
 from ftkit.tasks.preference.reference import (
@@ -142,7 +142,7 @@ def evaluate_preferences(
     return result | {"pairs": len(pairs)}
 
 
-class PreferenceTask:
+class PreferenceTask(CausalLMTask):
     """A causal LM learns to prefer the chosen answer of each pair (dpo, ipo, orpo, simpo)."""
 
     name = "preference"
