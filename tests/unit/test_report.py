@@ -1,4 +1,4 @@
-"""report.py: metrics reading, the diagnosis table, and the three files of write_report."""
+"""ftkit.report: metrics reading, the diagnosis table, and the three files of write_report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ftkit import report
 from ftkit.errors import FtkitError
 from ftkit.report import Diagnosis, diagnose, read_metrics, write_report
+from ftkit.report.plot import smooth
 
 STEPS = range(1, 301)
 EVAL_STEPS = range(50, 301, 50)
@@ -268,5 +268,5 @@ def test_write_report_refuses_a_directory_that_is_not_a_run(tmp_path: Path):
 
 
 def test_smooth_is_centred_mean_shrinking_at_the_ends():
-    assert report.smooth([1.0, 3.0, 5.0, 7.0], 3) == [2.0, 3.0, 5.0, 6.0]
-    assert report.smooth([1.0, 3.0], 1) == [1.0, 3.0]
+    assert smooth([1.0, 3.0, 5.0, 7.0], 3) == [2.0, 3.0, 5.0, 6.0]
+    assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
