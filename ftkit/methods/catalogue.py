@@ -12,17 +12,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from ftkit.errors import RecipeError
 from ftkit.methods import REGISTRY
 from ftkit.recipe.describe import default_text, plain_type, type_text, yaml_scalar
+from ftkit.recipe.peft_types import REFUSED, config_class, fields, peft_types
 from ftkit.recipe.suggestions import did_you_mean
 
 
 def list_methods() -> str:
-    width = max(len(name) for name in REGISTRY)
-    lines = [f"{name:<{width}}  {entry.config.summary}" for name, entry in REGISTRY.items()]
-    return "\n".join(lines) + "\n\n`ftkit methods NAME` shows a method's recipe keys.\n"
+    """Every registered method and its one-line summary, as a plain-text table (no colour, no wrapping)."""
+    table = Table("method", "summary", box=None, pad_edge=False, header_style=None)
+    for name, entry in REGISTRY.items():
+        table.add_row(name, Text(entry.config.summary))  # Text: a summary's brackets are not rich markup
+    return _render(table) + "\n`ftkit methods NAME` shows a method's recipe keys.\n"
+
+
+def _render(table: Table) -> str:
+    """`table` as plain text for stdout: one line per row, however wide, without trailing padding."""
+    buffer = io.StringIO()
+    # wide enough that no row wraps: the output is read by people and by grep alike
+    Console(file=buffer, width=10_000, color_system=None, force_terminal=False, highlight=False).print(table)
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
 
 
 def describe_method(name: str) -> str:
@@ -42,8 +58,6 @@ def describe_method(name: str) -> str:
         )
     lines += ["", *_table(rows)]
     if name == "peft":
-        from ftkit.recipe.peft_types import peft_types
-
         lines += [
             "",
             "Other keys are the fields of the peft config for `type`; `ftkit methods peft TYPE` lists them.",
@@ -53,8 +67,6 @@ def describe_method(name: str) -> str:
 
 
 def describe_peft_type(peft_type: str) -> str:
-    from ftkit.recipe.peft_types import REFUSED, config_class, fields, peft_types
-
     known = peft_types()
     if peft_type.lower() not in known:
         close = difflib.get_close_matches(peft_type.lower(), known, n=1, cutoff=0.6)

@@ -40,24 +40,26 @@ class PeftField:
     help: str
 
 
+def _config_classes() -> dict[str, type]:
+    """peft's config class of every tuner type of the installed peft, by lower-case type name."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: see the module docstring
+
+    return {str(getattr(key, "value", key)).lower(): cls for key, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
 def peft_types() -> list[str]:
     """Every tuner type of the installed peft, lower case (`fourierft`, `oft`, ...)."""
-    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return sorted(str(getattr(key, "value", key)).lower() for key in PEFT_TYPE_TO_CONFIG_MAPPING)
+    return sorted(_config_classes())
 
 
 def config_class(peft_type: str) -> type:
-    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    by_name = {str(getattr(key, "value", key)).lower(): cls for key, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
-    return by_name[peft_type.lower()]
+    return _config_classes()[peft_type.lower()]
 
 
 @cache
 def _hidden_fields() -> frozenset[str]:
     """Fields ftkit sets: PeftConfig's bookkeeping, and what prompt learning reads from the model."""
-    from peft.config import PeftConfig, PromptLearningConfig
+    from peft.config import PeftConfig, PromptLearningConfig  # lazy: see the module docstring
 
     base = {f.name for f in dataclasses.fields(PeftConfig)}
     from_model = {f.name for f in dataclasses.fields(PromptLearningConfig)} - base
@@ -87,7 +89,7 @@ def fields(peft_type: str) -> tuple[PeftField, ...]:
 
 
 def is_prompt_learning(peft_type: str) -> bool:
-    from peft.config import PromptLearningConfig
+    from peft.config import PromptLearningConfig  # lazy: see the module docstring
 
     return peft_type.lower() in peft_types() and issubclass(config_class(peft_type), PromptLearningConfig)
 
