@@ -37,6 +37,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_file(directory: Path, text: str, name: str = "recipe.yaml") -> Path:
+    """`text` as `directory/name` (a recipe, by default); returns the path."""
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
 def make_recipe(tmp: Path, data_dir: Path, name: str = "recipe", **sections: dict) -> Path:
     """Write a micro-llama recipe into `tmp`; keyword sections are merged over the defaults."""
     recipe = {

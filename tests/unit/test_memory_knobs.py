@@ -16,7 +16,6 @@ from ftkit.models.load import build_model, compile_layers
 from ftkit.recipe.methods import LoraConfig
 from ftkit.recipe.schema import ModelSection
 from ftkit.tasks.losses import CausalLMLoss
-from tests.support.helpers import make_recipe, run_cli
 from tests.unit.test_loop import random_examples
 
 
@@ -72,21 +71,6 @@ def test_compiled_layers_give_equal_loss(base):
     torch.testing.assert_close(got_loss, want_loss, atol=1e-3, rtol=1e-5)
     for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.parametrize(
-    "override, key",
-    [
-        ("model.attn_implementation=flash_attention_2", "model.attn_implementation"),
-        ("perf.kernels=liger", "perf.kernels"),
-    ],
-)
-def test_kernels_that_cannot_run_here_are_refused_up_front(tmp_path, tiny_data, override, key):
-    recipe = make_recipe(tmp_path, tiny_data)
-    code, out, err = run_cli("train", str(recipe), "--set", override)
-    assert code == 2 and out == ""
-    assert err.startswith(f"error: {key}:") and "CUDA" in err
-    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.gpu

@@ -15,7 +15,6 @@ from ftkit.methods import REGISTRY
 from ftkit.recipe import load_recipe, parse_recipe
 from ftkit.recipe.describe import yaml_scalar
 from ftkit.recipe.schema import Recipe
-from tests.support.helpers import run_cli
 from tests.support.methods_table import METHOD_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,47 +82,6 @@ def test_quickstart_switches_method_by_set():
         "method.alpha: unknown key for method vera" in p and "method vera takes: name, r," in p
         for p in caught.value.problems
     )
-
-
-# --- `ftkit methods` --------------------------------------------------------------------------
-
-
-def test_methods_lists_every_method_with_its_summary_on_stdout():
-    code, out, err = run_cli("methods")
-    assert (code, err) == (0, "")
-    for name, entry in REGISTRY.items():
-        assert re.search(rf"^{name}\s+{re.escape(entry.config.summary)}$", out, re.MULTILINE), name
-
-
-def test_methods_name_prints_keys_types_defaults_and_descriptions():
-    code, out, err = run_cli("methods", "vera")
-    assert (code, err) == (0, "")
-    assert out.startswith("vera: " + REGISTRY["vera"].config.summary)
-    rows = {
-        line.split()[0]: line
-        for line in out.splitlines()
-        if line and line.split()[0] in REGISTRY["vera"].config.model_fields
-    }
-    for key, info in REGISTRY["vera"].config.model_fields.items():
-        assert key in rows, key
-        if key != "name":
-            assert yaml_scalar(info.get_default(call_default_factory=True)) in rows[key]
-            assert info.description in rows[key]
-    assert "integer >= 1" in rows["r"] and "default train.lr: 0.001" in out
-
-
-def test_methods_peft_type_prints_peft_s_own_fields_and_help():
-    code, out, err = run_cli("methods", "peft", "fourierft")
-    assert (code, err) == (0, "")
-    row = next(line for line in out.splitlines() if line.startswith("n_frequency "))
-    assert "integer" in row and "1000" in row and "Num of learnable frequencies" in row
-    assert "task_type" not in out and "peft_type" not in out  # ftkit fills those
-
-
-def test_methods_unknown_name_exits_2_with_a_suggestion():
-    code, out, err = run_cli("methods", "verra")
-    assert code == 2 and out == ""
-    assert err.startswith("error: methods: unknown method 'verra' (did you mean vera?); known: full, freeze")
 
 
 # --- a key of another method, and combinations that cannot work -------------------------------------
@@ -220,21 +178,3 @@ def test_generic_peft_entry_reports_every_bad_key_at_its_line():
 def test_generic_peft_entry_errors(method, expected):
     (problem,) = problems_of(f"method: {method}\n" + DATA)
     assert problem.startswith(f"recipe.yaml:1: {expected}"), problem
-
-
-def test_readme_method_commands_run(tmp_path):
-    """The README's method commands: listing, describing, and the worked VeRA recipe training
-    (one step, no validation set, so it stays a smoke test of the recipe as shipped)."""
-    readme = (ROOT / "README.md").read_text()
-    for command in ("ftkit methods ", "ftkit methods vera", "ftkit train recipes/methods/vera.yaml"):
-        assert command in readme
-    assert run_cli("methods")[0] == 0 and run_cli("methods", "vera")[0] == 0
-    overrides = ["train.max_steps=1", "train.samples=0", "data.val=null", "data.max_samples=4", "data.max_length=160"]
-    args = [a for o in overrides for a in ("--set", o)]
-    code, out, err = run_cli(
-        "train", str(ROOT / "recipes/methods/vera.yaml"), *args, "--output-dir", str(tmp_path / "v")
-    )
-    assert (code, out) == (0, ""), err
-    assert (tmp_path / "v" / "final" / "adapter_config.json").is_file()
-    dora = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["method.name=dora"])
-    assert dora.method.name == "dora" and dora.method.r == 32  # the quickstart's LoRA keys carry over

@@ -6,8 +6,6 @@ Covers RELIABILITY.md R1-R5 and R25 for `ftkit validate`. No torch is imported h
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from ftkit.methods import REGISTRY
 from ftkit.recipe import dump_recipe, load_recipe, parse_recipe
 from ftkit.recipe.schema import Recipe
 from ftkit.recipe.yaml_loader import YamlError, load_yaml
-from tests.support.helpers import run_cli
+from tests.support.helpers import write_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = "method: {name: lora}\ndata: {train: data.jsonl}\n"
@@ -477,68 +475,6 @@ def test_shipped_recipes_validate_and_round_trip(path):
     assert parse_recipe(dump_recipe(recipe), str(path)).model_dump() == recipe.model_dump()
 
 
-# --- the CLI (R1, R2, R25) --------------------------------------------------------------------
-
-
-def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def test_cli_unknown_nested_key(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write(tmp_path, MINIMAL + "train:\n  lerning_rate: 3e-4\n")
-    code, out, err = run_cli("validate", "recipe.yaml")
-    assert code == 2
-    assert out == ""
-    assert "recipe.yaml:4" in err and "train.lerning_rate" in err and "did you mean train.lr" in err
-    assert not (tmp_path / "runs").exists()
-
-
-def test_cli_reports_several_errors_at_once_with_set(tmp_path):
-    path = write(tmp_path, MINIMAL + "train:\n  lerning_rate: 3e-4\n  scheduler: no\n")
-    code, out, err = run_cli("validate", str(path), "--set", "train.batch_size=0", "--set", "model.dtype=fp32")
-    lines = err.splitlines()
-    assert code == 2 and out == ""
-    assert lines[0].startswith(f"{path}:4: train.lerning_rate: ")
-    assert lines[1].startswith(f"{path}:5: train.scheduler: ")
-    assert lines[2].startswith("--set train.batch_size=0: train.batch_size: should be greater than or equal to 1")
-    assert lines[3].startswith("--set model.dtype=fp32: model.dtype: should be 'auto', 'float32'")
-    assert len(lines) == 4
-
-
-def test_cli_valid_recipe_prints_the_resolved_recipe(tmp_path):
-    path = write(tmp_path, MINIMAL + "train: {lr: 2e-4}\n", name="quick.yaml")
-    code, out, err = run_cli("validate", str(path), "--set", "train.epochs=2")
-    assert (code, err) == (0, "")
-    assert "output_dir: runs/quick\n" in out
-    assert parse_recipe(out).model_dump() == load_recipe(path, ["train.epochs=2"]).model_dump()
-
-
-def test_cli_as_a_subprocess(tmp_path):
-    path = write(tmp_path, "method: {name: lroa}\ndata: {train: d.jsonl}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "ftkit", "validate", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
-    assert done.returncode == 2 and done.stdout == ""
-    assert (
-        done.stderr == f"error: {path}:1: method.name: unknown method 'lroa' (did you mean lora?); "
-        f"known: {METHOD_NAMES}\n"
-    )
-
-
-def test_recipe_and_cli_do_not_import_torch():
-    code = (
-        "import sys, ftkit.cli, ftkit.recipe\n"
-        "ftkit.recipe.dump_recipe(ftkit.recipe.parse_recipe('method: {name: lora}\\ndata: {train: d}\\n'))\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
 # --- the generated README reference -----------------------------------------------------------
 
 
@@ -556,7 +492,7 @@ def test_readme_recipe_reference_is_current():
 
 def test_reference_generator_check_and_write(tmp_path):
     script = _reference_script()
-    readme = write(tmp_path, f"# x\n\n{script.START}\nstale\n{script.END}\n\nafter\n", name="README.md")
+    readme = write_file(tmp_path, f"# x\n\n{script.START}\nstale\n{script.END}\n\nafter\n", name="README.md")
     assert script.main(["--check", "--readme", str(readme)]) == 1
     assert script.main(["--readme", str(readme)]) == 0
     assert script.main(["--check", "--readme", str(readme)]) == 0

@@ -6,7 +6,6 @@ import contextlib
 import io
 
 from ftkit import io as stdout
-from tests.support.helpers import run_cli
 
 
 def test_library_prints_go_to_stderr_and_command_output_to_stdout():
@@ -23,10 +22,3 @@ def test_outside_a_command_data_is_plain_stdout():
     with contextlib.redirect_stdout(out):
         stdout.data().write("x")
     assert out.getvalue() == "x"
-
-
-def test_help_stays_on_stdout_and_command_output_too(tmp_path):
-    code, out, err = run_cli("train", "--help")
-    assert code == 0 and "Usage" in out
-    code, out, _ = run_cli("methods")
-    assert code == 0 and "lora" in out
