@@ -15,6 +15,7 @@ import torch
 from ftkit import distributed
 from ftkit.errors import NonFiniteError, ResourceError
 from ftkit.recipe.schema import TrainSection
+from ftkit.rundir import FINAL
 from ftkit.train import checkpoint
 from ftkit.train.loop import TrainState
 from ftkit.train.progress import WallClock
@@ -61,7 +62,7 @@ class Checkpointer:
         if needed > free:
             raise ResourceError(
                 f"{self.run_dir}: not enough disk space: about {needed:,} bytes needed ({copies} checkpoints of "
-                f"~{self.size:,} bytes at once with train.keep_last={self.train.keep_last}, plus final/), "
+                f"~{self.size:,} bytes at once with train.keep_last={self.train.keep_last}, plus {FINAL}/), "
                 f"{free:,} free; free some space, lower train.keep_last, or choose another --output-dir"
             )
 

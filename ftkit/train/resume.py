@@ -98,7 +98,7 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(
-            f"--resume: {path} is not a directory; give a checkpoint such as {run_dir}/checkpoints/step-N"
+            f"--resume: {path} is not a directory; give a checkpoint such as {run_dir / CHECKPOINTS}/step-N"
         )
     if path.is_symlink() or path.resolve().parent != (run_dir / CHECKPOINTS).resolve():
         raise RunDirError(
