@@ -44,6 +44,10 @@ from ftkit.train.faults import fault_point
 
 STAGING_DIR = re.compile(r"^\.step-(\d+)\.(?:tmp|old)-(\d+)$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# inside checkpoints/step-N/, besides what final/ holds and rundir's COMPLETE and TRAINER_STATE
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_SKELETON = "optimizer.json"
+RNG = "rng.safetensors"
 METHOD_STATE = "method_state.safetensors"
 
 
@@ -175,13 +179,13 @@ def save_checkpoint(
         save_weights(model, tokenizer, staging)
         fault_point("save-weights", step)
         opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict())
-        save_file(opt_tensors, staging / "optimizer.safetensors")
-        write_json(staging / "optimizer.json", opt_skeleton)
+        save_file(opt_tensors, staging / OPTIMIZER_TENSORS)
+        write_json(staging / OPTIMIZER_SKELETON, opt_skeleton)
         fault_point("save-optimizer", step)
         if method_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, staging / METHOD_STATE)
         rng_tensors, rng_meta = capture_rng()
-        save_file(rng_tensors, staging / "rng.safetensors")
+        save_file(rng_tensors, staging / RNG)
         write_json(staging / TRAINER_STATE, {**trainer_state, "rng": rng_meta})
         files = {
             str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}

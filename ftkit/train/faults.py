@@ -1,68 +1,48 @@
-"""Fault injection for the reliability tests: one environment variable, read here and nowhere else.
+"""Fault points: the named moments of a run where the reliability tests make it fail.
 
-    FTKIT_TEST_FAULT="ACTION@POINT:STEP[,ACTION@POINT:STEP ...]"
-
-POINT is where the fault fires:
     step             at the step boundary after optimizer step STEP (logged, evaluated, checkpointed)
     save-weights     while checkpoint STEP is staged: after the weights are written
     save-optimizer   after the optimizer state is written
     save-complete    after complete.json is written, before the rename into place
     save-renamed     after the rename, before rotation
-ACTION is what happens there:
-    kill             SIGKILL this process: a real `kill -9`, no cleanup of any kind runs
-    sigint, sigterm  send that signal to this process (the path a user's Ctrl-C or a scheduler takes)
-    stall            print "ftkit-test-fault: stalled at POINT:STEP" on stderr, then sleep 60 s
-                     (so a test can send signals while the process is inside that point)
-    crash            raise RuntimeError (an in-process crash: finally-blocks run)
 
-Unset, this module does nothing; it never touches the maths of training. The points are
-called from the checkpoint writer and from beside the loop (run.py's `should_stop`).
+The checkpoint writer and the run's stop check call `fault_point(point, step)`. It calls the
+injector a test installed (tests/support/faults.py: kill, signal, stall, crash) and does
+nothing when none is installed, which is always outside the tests: no environment variable
+is read here and the maths of training is never touched.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-ENV = "FTKIT_TEST_FAULT"
-ACTIONS = ("kill", "sigint", "sigterm", "stall", "crash")
 POINTS = ("step", "save-weights", "save-optimizer", "save-complete", "save-renamed")
 
+#: `injector(point, step)`, called at every fault point
+Injector = Callable[[str, int], None]
 
-def parse(spec: str) -> list[tuple[str, str, int]]:
-    """`"kill@step:3,stall@save-weights:4"` -> [("kill", "step", 3), ("stall", "save-weights", 4)]."""
-    faults = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        action, _, where = item.partition("@")
-        point, _, step = where.rpartition(":")
-        if action not in ACTIONS or point not in POINTS or not step.isdigit():
-            raise ValueError(f"{ENV}: cannot read {item!r}; write ACTION@POINT:STEP with ACTION in {ACTIONS}")
-        faults.append((action, point, int(step)))
-    return faults
+_injector: Injector | None = None
 
 
 def fault_point(point: str, step: int) -> None:
-    """Fire the faults that FTKIT_TEST_FAULT puts at (`point`, `step`), if any."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    for action, at, at_step in parse(spec):
-        if at == point and at_step == step:
-            _fire(action, f"{point}:{step}")
+    """Let the installed injector act at (`point`, `step`); a no-op when none is installed."""
+    if _injector is not None:
+        _injector(point, step)
 
 
-def _fire(action: str, where: str) -> None:
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action in ("sigint", "sigterm"):
-        # raise_signal delivers to this thread at once, so ftkit's handler has run when it returns;
-        # os.kill(getpid()) may land on a busy worker thread and arrive a step late under load
-        signal.raise_signal(signal.SIGINT if action == "sigint" else signal.SIGTERM)
-    elif action == "stall":
-        sys.stderr.write(f"ftkit-test-fault: stalled at {where}\n")
-        sys.stderr.flush()
-        time.sleep(60)
-    else:
-        raise RuntimeError(f"injected fault at {where}")
+def install(injector: Injector | None) -> Injector | None:
+    """Make `injector` the one `fault_point` calls (None removes it); return the one it replaces."""
+    global _injector
+    previous, _injector = _injector, injector
+    return previous
+
+
+@contextmanager
+def installed(injector: Injector | None) -> Iterator[None]:
+    """`injector` installed while inside; the previous one back afterwards."""
+    previous = install(injector)
+    try:
+        yield
+    finally:
+        install(previous)

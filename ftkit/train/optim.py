@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import bitsandbytes as bnb
+import torch
+
 from ftkit.recipe.schema import TrainSection
 
 
@@ -42,11 +45,7 @@ def build_optimizer(params: list[Any], train: TrainSection) -> Any:
     """torch AdamW, or a bitsandbytes 8-bit / paged optimizer, over the trainable params."""
     kwargs = dict(lr=float(train.lr), betas=tuple(train.betas), weight_decay=train.weight_decay)
     if train.optimizer == "adamw":
-        import torch
-
         return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
     cls = {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,

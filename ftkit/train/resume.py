@@ -1,11 +1,13 @@
 """Resuming a run exactly where a checkpoint left it.
 
     find_checkpoint(run_dir, path)      the newest complete checkpoint, or the one named (inside the run)
+    reopen(run_dir, resume, ...)        a run opened to continue it: checked, and put back as it was then
     check_recipe_change(old, new, ...)  refuse changed trajectory keys (naming them); notes for cadence keys
     data_hashes(data)                   sha256 of the data files, stored in every checkpoint
     truncate_metrics(path, step)        metrics.jsonl as the uninterrupted run had it at `step`
     restore(path, model, optimizer)     weights + optimizer state; returns trainer_state.json
     state_from(saved)                   the TrainState counters (step, data position, evals, skips)
+    restore_generators(acc, path, ...)  every random generator as it was at the checkpoint (last of all)
 
 What makes the continuation bit-identical to an uninterrupted run (CPU, fp32):
 - data order is `batch_order(seed, epoch)` plus the stored (epoch, batch_in_epoch) position;
@@ -22,14 +24,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
+from ftkit import distributed
 from ftkit.errors import RunDirError
+from ftkit.recipe import load_recipe
 from ftkit.recipe.schema import DataSection, Recipe
-from ftkit.rundir import CHECKPOINTS, RECIPE, TRAINER_STATE, complete_checkpoints, ensure_inside, is_complete
-from ftkit.train.checkpoint import load_optimizer_state, load_weights
+from ftkit.rundir import (
+    CHECKPOINTS,
+    END_ENTRIES,
+    FINAL,
+    METRICS,
+    RECIPE,
+    TRAINER_STATE,
+    complete_checkpoints,
+    ensure_inside,
+    has_completed,
+    is_complete,
+)
+from ftkit.train.checkpoint import (
+    RNG,
+    clean_staging,
+    load_optimizer_state,
+    load_weights,
+    restore_rng,
+    verify_checkpoint,
+)
+from ftkit.train.lock import RunLock, remove_entry
 from ftkit.train.loop import TrainState
 
 #: keys that change how often ftkit evaluates, saves, logs or reports, or what it does after a
@@ -58,20 +85,20 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
     directly inside `run_dir/checkpoints` (symlinks refused: derived paths stay in the run).
     """
     if not (run_dir / RECIPE).is_file():
-        raise RunDirError(f"--resume: {run_dir} holds no ftkit run (no recipe.yaml); check output_dir or --output-dir")
+        raise RunDirError(f"--resume: {run_dir} holds no ftkit run (no {RECIPE}); check output_dir or --output-dir")
     ensure_inside(run_dir, run_dir / CHECKPOINTS)
     if path is None:
         found = complete_checkpoints(run_dir)
         if not found:
             raise RunDirError(
-                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (set train.save_every to write them); "
+                f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS} (set train.save_every to write them); "
                 "start again with --overwrite"
             )
         return found[-1]
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(
-            f"--resume: {path} is not a directory; give a checkpoint such as {run_dir}/checkpoints/step-N"
+            f"--resume: {path} is not a directory; give a checkpoint such as {run_dir / CHECKPOINTS}/step-N"
         )
     if path.is_symlink() or path.resolve().parent != (run_dir / CHECKPOINTS).resolve():
         raise RunDirError(
@@ -84,6 +111,48 @@ def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
             "omit the path to take the newest complete one"
         )
     return path
+
+
+def reopen(
+    run_dir: Path,
+    resume: bool | str | Path,
+    recipe: Recipe,
+    lock: RunLock,
+    accelerator: Any,
+    data_sha256: dict[str, str | None],
+    log: Callable[[str], None],
+) -> tuple[Path, dict]:
+    """Open the run in `run_dir` to continue it: (the checkpoint to resume from, its trainer_state.json).
+
+    `resume` is True (the newest complete checkpoint; refused when the run has finished) or
+    a checkpoint's path. Refuses a damaged checkpoint, another number of processes and a
+    recipe that changes what the run computes (notes for cadence keys go to `log`). Then
+    the main process, holding `lock`, puts the run back as it stood at that checkpoint:
+    staging leftovers removed, metrics cut at its step, final/ and samples removed.
+    """
+    is_main = accelerator.is_main_process
+    resume_from = find_checkpoint(run_dir, None if resume is True else Path(resume))
+    if is_main:
+        lock.acquire()
+    if resume is True and has_completed(run_dir):
+        raise RunDirError(
+            f"--resume: {run_dir} has finished ({FINAL}/ is written); to train again from a checkpoint "
+            f"name it (--resume {resume_from}), or start a new run with --overwrite"
+        )
+    if is_main:
+        verify_checkpoint(resume_from)
+    saved = json.loads((resume_from / TRAINER_STATE).read_text())
+    distributed.check_processes(accelerator, saved)
+    old = load_recipe(run_dir / RECIPE)
+    for note in check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
+        log(f"note: resuming with {note}")
+    accelerator.wait_for_everyone()  # every process has read the run before the main one changes it
+    if is_main:
+        clean_staging(run_dir)
+        truncate_metrics(run_dir / METRICS, int(saved["step"]))
+        for name in END_ENTRIES:
+            remove_entry(run_dir / name)
+    return resume_from, saved
 
 
 def data_hashes(data: DataSection) -> dict[str, str | None]:
@@ -201,6 +270,16 @@ def state_from(saved: dict) -> TrainState:
     return TrainState(**{key: value for key, value in saved.items() if key in names})
 
 
+def restore_generators(accelerator: Any, path: Path, saved: dict) -> None:
+    """Every random generator as it was at checkpoint `path`: python, numpy, torch CPU and CUDA
+    (`saved` is its trainer_state.json), then each process's own torch generators.
+
+    Call it last, just before the loop: building the model and the optimizer draws from them.
+    """
+    restore_rng(load_file(path / RNG), saved["rng"])
+    distributed.restore_rank_rng(accelerator, saved)  # each process's own torch generators
+
+
 def _repage(optimizer: Any) -> None:
     """Put a paged bitsandbytes optimizer's big states back into paged (CUDA unified) memory.
 
@@ -209,8 +288,6 @@ def _repage(optimizer: Any) -> None:
     paged it out. Same rule as bitsandbytes' `get_state_buffer`: CUDA, >= 1e5 elements.
     On CPU bitsandbytes never pages, and this does nothing.
     """
-    import torch
-
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     if not getattr(inner, "is_paged", False):
         return

@@ -15,6 +15,9 @@ import signal
 import threading
 from types import FrameType
 
+from ftkit.train.faults import fault_point
+from ftkit.train.loop import TrainState
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -48,6 +51,12 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def should_stop(self, state: TrainState) -> bool:
+        """`Hooks.should_stop`, asked at every step boundary.
+        The boundary is also a fault point, where the reliability tests stop a run."""
+        fault_point("step", state.step)
+        return self.requested
 
     @property
     def name(self) -> str:

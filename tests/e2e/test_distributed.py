@@ -33,7 +33,7 @@ STEPS = 5
 
 def ftkit_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m ftkit ARGS` in a fresh process, from the repository root."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests/support/fault_site'}", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "ftkit", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )

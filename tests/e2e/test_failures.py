@@ -21,7 +21,7 @@ from ftkit.errors import ResourceError
 from ftkit.tasks.causal_lm import SFT
 from ftkit.train import checkpoint as checkpoint_module
 from ftkit.train.checkpoint import verify_checkpoint
-from ftkit.train.run import RunLock
+from ftkit.train.lock import RunLock
 from tests.support.helpers import make_recipe, run_cli
 from tests.support.resume_helpers import ROOT, sections, train, trajectory, tree_digest
 

@@ -1,6 +1,6 @@
 """Real `kill -9` and a second signal (RELIABILITY.md R10, R12, R18), in child processes.
 
-A child `python -m ftkit train` is killed with SIGKILL at a point named by FTKIT_TEST_FAULT
+A child `python -m ftkit train` is killed with SIGKILL at a fault point (tests/support/faults.py)
 (after a step, or inside a checkpoint save: nothing of the process's own cleanup runs).
 Then the run is resumed, here in-process, and must equal the uninterrupted run bit for bit.
 
@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tests.support.faults import subprocess_env
 from tests.support.helpers import make_recipe
 from tests.support.resume_helpers import (
     ROOT,
@@ -109,11 +110,10 @@ def test_second_sigint_mid_save_aborts_and_keeps_the_last_checkpoint(tmp_path, t
     """R18: SIGINT while checkpoint 4 is being written asks for a stop; a second SIGINT aborts
     at once (exit 130) — step-2 stays complete, the staging dir is never loaded, the resume is exact."""
     recipe = make_recipe(tmp_path, tiny_data, name="lora", **VARIANTS["lora"])
-    env = {**os.environ, "FTKIT_TEST_FAULT": "stall@save-weights:4", "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
         [sys.executable, "-m", "ftkit", "train", str(recipe)],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env("stall@save-weights:4"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -2,7 +2,7 @@
 
 "Equals" is bit-identical: every logged loss, LR, grad norm, val loss and token count, the
 examples of every micro-batch in order, and the final tensors (CPU, fp32, dropout 0.1 so the
-RNG state matters). Runs are stopped in-process through FTKIT_TEST_FAULT (ftkit.train.faults):
+RNG state matters). Runs are stopped in-process by injected faults (tests/support/faults.py):
 a signal (the loop stops at a step boundary and saves) or a crash (the newest periodic
 checkpoint is older, so the resumed run redoes steps). Real `kill -9` runs are in test_kill.py.
 """
@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.faults import injected
 from tests.support.helpers import run_cli
 from tests.support.resume_helpers import (
     ROOT,
@@ -232,10 +233,9 @@ def test_readme_stop_and_resume_commands(tmp_path, monkeypatch):
     run_dir = tmp_path / "quickstart"
     shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0", "batch_size=4")]
     common = [*shorter, "--output-dir", str(run_dir)]
-    monkeypatch.setenv("FTKIT_TEST_FAULT", "sigint@step:2")  # the user's Ctrl-C after step 2
-    code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
+    with injected("sigint@step:2"):  # the user's Ctrl-C after step 2
+        code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
     assert code == 130 and out == "", err
-    monkeypatch.delenv("FTKIT_TEST_FAULT")
     code, out, err = run_cli("train", "recipes/quickstart.yaml", "--resume", *common)
     assert code == 0 and out == "", err
     first = trajectory(run_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.faults import injected, subprocess_env
 from tests.support.helpers import make_recipe, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,27 +56,19 @@ def train(tmp: Path, data: Path, name: str, *args: str, fault: str | None = None
     path = tmp / f"{name}.yaml"
     if not path.exists():
         make_recipe(tmp, data, name=name, **recipe)
-    previous = os.environ.pop("FTKIT_TEST_FAULT", None)
-    if fault:
-        os.environ["FTKIT_TEST_FAULT"] = fault
-    try:
+    with injected(fault):
         code, out, err = run_cli("train", str(path), *args)
-    finally:
-        os.environ.pop("FTKIT_TEST_FAULT", None)
-        if previous is not None:
-            os.environ["FTKIT_TEST_FAULT"] = previous
     assert out == "", out  # stdout carries only requested output, and train requests none
     return code, err, tmp / "runs" / name
 
 
 def train_subprocess(tmp: Path, data: Path, name: str, fault: str, **recipe) -> subprocess.CompletedProcess:
-    """`python -m ftkit train` in a child process with FTKIT_TEST_FAULT set (for kill -9)."""
+    """`python -m ftkit train` in a child process that fires `fault` (for kill -9)."""
     path = make_recipe(tmp, data, name=name, **recipe)
-    env = {**os.environ, "FTKIT_TEST_FAULT": fault, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "ftkit", "train", str(path)],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(fault),
         capture_output=True,
         text=True,
         timeout=300,

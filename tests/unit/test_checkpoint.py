@@ -15,10 +15,11 @@ from ftkit.errors import RunDirError
 from ftkit.recipe import parse_recipe
 from ftkit.recipe.schema import TrainSection
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.faults import parse
+from ftkit.train import faults
 from ftkit.train.optim import build_optimizer
 from ftkit.train.resume import check_recipe_change, truncate_metrics
 from ftkit.train.signals import StopSignals
+from tests.support.faults import injector, parse
 
 
 def fake_checkpoint(root: Path, name: str, files: dict[str, bytes] | None = None) -> Path:
@@ -141,6 +142,17 @@ def test_fault_specs_parse_and_bad_ones_are_refused():
     for bad in ("explode@step:3", "kill@somewhere:3", "kill@step:x", "kill"):
         with pytest.raises(ValueError, match="FTKIT_TEST_FAULT"):
             parse(bad)
+
+
+def test_fault_points_do_nothing_until_an_injector_is_installed(monkeypatch):
+    monkeypatch.setenv("FTKIT_TEST_FAULT", "crash@step:3")  # product code never reads it
+    faults.fault_point("step", 3)
+    with faults.installed(injector("crash@step:3")):
+        faults.fault_point("step", 2)
+        faults.fault_point("save-weights", 3)
+        with pytest.raises(RuntimeError, match="injected fault at step:3"):
+            faults.fault_point("step", 3)
+    faults.fault_point("step", 3)  # uninstalled on the way out
 
 
 def recipe(tmp_path: Path, extra: str = "", train_file: str = "train.jsonl") -> object:
