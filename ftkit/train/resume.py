@@ -4,7 +4,7 @@
     check_recipe_change(old, new, ...)  refuse changed trajectory keys (naming them); notes for cadence keys
     data_hashes(data)                   sha256 of the data files, stored in every checkpoint
     truncate_metrics(path, step)        metrics.jsonl as the uninterrupted run had it at `step`
-    restore(path, model, optimizer)     weights + optimizer state; returns trainer_state.json
+    restore(accelerator, path, model, optimizer)  weights + optimizer state, shard-aware; returns trainer_state.json
     state_from(saved)                   the TrainState counters (step, data position, evals, skips)
 
 What makes the continuation bit-identical to an uninterrupted run (CPU, fp32):
@@ -26,7 +26,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ftkit.distributed.collectives import is_deepspeed, is_sharded
+from ftkit.distributed.state import restore_deepspeed, restore_sharded
 from ftkit.errors import RunDirError
+from ftkit.models.hf_files import load_tensors
 from ftkit.recipe.schema import DataSection, Recipe
 from ftkit.rundir import CHECKPOINTS, RECIPE, TRAINER_STATE, complete_checkpoints, ensure_inside, is_complete
 from ftkit.train.checkpoint import load_optimizer_state, load_weights
@@ -180,19 +183,33 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def restore(path: Path, model: Any, optimizer: Any) -> dict:
-    """Load weights and optimizer state from checkpoint `path` in place; return its trainer_state.json.
+def restore(accelerator: Any, path: Path, model: Any, optimizer: Any) -> dict:
+    """Load weights and optimizer state from checkpoint `path` into the prepared model and optimizer,
+    in place, on every process; return its trainer_state.json.
 
+    Replicated models (one process, ddp): `_restore_replicated`. Sharded (FSDP) and DeepSpeed
+    models: the full tensors are read here and every process keeps its part
+    (`ftkit.distributed.state`: `restore_sharded`, `restore_deepspeed`).
     RNG is not restored here: call `checkpoint.restore_rng` just before the loop, after
     everything that draws random numbers while the model is being built.
     """
+    if is_deepspeed(accelerator):
+        restore_deepspeed(accelerator, model, optimizer, load_tensors(path), load_optimizer_state(path), path)
+    elif is_sharded(model):
+        restore_sharded(model, optimizer, load_tensors(path), load_optimizer_state(path), path)
+    else:
+        _restore_replicated(path, accelerator.unwrap_model(model), optimizer)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _restore_replicated(path: Path, model: Any, optimizer: Any) -> None:
+    """Weights and optimizer state of a model every process holds whole."""
     load_weights(model, path)
     try:
         optimizer.load_state_dict(load_optimizer_state(path))
     except (ValueError, KeyError) as err:
         raise RunDirError(f"{path}: the optimizer state does not fit this optimizer ({err})") from None
     _repage(optimizer)
-    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def state_from(saved: dict) -> TrainState:

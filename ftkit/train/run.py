@@ -142,9 +142,10 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     import torch
     from accelerate.utils import set_seed
 
-    from ftkit import distributed
     from ftkit.data import load_splits
     from ftkit.data.packing import pack_examples
+    from ftkit.distributed import collectives, engines
+    from ftkit.distributed.state import check_processes, gathered, rank_rng_states, restore_rank_rng
     from ftkit.methods import RunInfo, get_method
     from ftkit.models.load import build_model, check_attention, compile_layers, count_parameters, load_model_config
     from ftkit.recipe import dump_recipe, load_recipe
@@ -175,7 +176,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     run_dir = Path(recipe.output_dir)
     cfg = recipe.train
     started = time.perf_counter()
-    accelerator = distributed.build_accelerator(recipe, _mixed_precision(cfg.mixed_precision))
+    accelerator = engines.build_accelerator(recipe, _mixed_precision(cfg.mixed_precision))
     device_type = accelerator.device.type
     is_main = accelerator.is_main_process  # with N processes only the main one writes the run directory
     set_seed(cfg.seed)
@@ -214,7 +215,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             if is_main:
                 verify_checkpoint(resume_from)
             saved = json.loads((resume_from / TRAINER_STATE).read_text())
-            distributed.check_processes(accelerator, saved)
+            check_processes(accelerator, saved)
             old = load_recipe(run_dir / RECIPE)
             for note in resuming.check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
                 log(f"note: resuming with {note}")
@@ -229,7 +230,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         if is_main:
             (run_dir / RECIPE).write_text(dump_recipe(recipe))
         with accelerator.main_process_first():  # a built-in base is written once, by the main process
-            model_cfg = distributed.model_source(accelerator, recipe.model, run_dir / BASE)
+            model_cfg = _model_source(accelerator, recipe.model, run_dir / BASE)
             model, tokenizer, base = build_model(
                 model_cfg,
                 device_type,
@@ -255,7 +256,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
         model = method.apply(model, recipe.method, run_info)
         method_hooks = method.hooks(model, recipe.method, run_info)
-        distributed.check_method_hooks(accelerator, recipe, method_hooks)
+        engines.check_method_hooks(accelerator, recipe, method_hooks)
         if recipe.model.torch_compile:
             compile_layers(model)
         trainable, total = count_parameters(model)
@@ -263,7 +264,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
             f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
             f"{f' in {len(train_examples)} packed rows' if recipe.data.packing else ''} · "
-            f"{total_steps} steps · {accelerator.device}{distributed.describe(accelerator, recipe)}"
+            f"{total_steps} steps · {accelerator.device}{engines.describe(accelerator, recipe)}"
         )
         if method_hooks.optimizer is not None:
             optimizer = method_hooks.optimizer(cfg)
@@ -271,9 +272,9 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             optimizer = build_optimizer(
                 method_hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg
             )
-        model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
+        model, optimizer = engines.prepare(accelerator, recipe, model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
-        with distributed.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
+        with collectives.own_dir(accelerator, run_dir) as where:  # files it writes: the main process's only
             objective, objective_facts = task.objective(
                 recipe, unwrapped, splits, where, accelerator.device, tokenizer.pad_token_id
             )
@@ -291,7 +292,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
         state = TrainState()
         if resume_from is not None:
-            distributed.restore(accelerator, resume_from, model, optimizer)  # resuming.restore, shard-aware
+            resuming.restore(accelerator, resume_from, model, optimizer)  # shard-aware
             state = resuming.state_from(saved)
             if method_hooks.load_state is not None:
                 method_hooks.load_state(load_method_state(resume_from))
@@ -310,8 +311,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
         def checkpoint(s: TrainState) -> None:
             _assert_finite(unwrapped)
-            to_save, optimizer_to_save = distributed.gathered(accelerator, model, optimizer)  # every process
-            rng_ranks = distributed.rank_rng_states(accelerator)  # every process
+            to_save, optimizer_to_save = gathered(accelerator, model, optimizer)  # every process
+            rng_ranks = rank_rng_states(accelerator)  # every process
             if is_main:
                 extra = trainer_state(s) | rng_ranks
                 method_state = method_hooks.state() if method_hooks.state is not None else None
@@ -340,7 +341,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
             from safetensors.torch import load_file
 
             restore_rng(load_file(resume_from / "rng.safetensors"), saved["rng"])
-            distributed.restore_rank_rng(accelerator, saved)  # each process's own torch generators
+            restore_rank_rng(accelerator, saved)  # each process's own torch generators
         try:
             with stop:
                 try:
@@ -368,7 +369,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                             exit_code(stop.signum),
                         )
                     _assert_finite(unwrapped)
-                    to_save, _ = distributed.gathered(accelerator, model)  # every process
+                    to_save, _ = gathered(accelerator, model)  # every process
                     if is_main and method_hooks.save_final is not None:
                         method_hooks.save_final(unwrapped, run_dir / FINAL)  # never sharded: check_method_hooks
                         tokenizer.save_pretrained(run_dir / FINAL)
@@ -381,7 +382,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                         task.generates_text
                         and cfg.samples
                         and splits.val
-                        and not distributed.any_process(accelerator, stop.requested)
+                        and not collectives.any_process(accelerator, stop.requested)
                     ):
                         device = accelerator.device
                         _write_samples(unwrapped, tokenizer, recipe, splits.val, run_dir, device, write=is_main)
@@ -557,10 +558,21 @@ def _device_name(device: Any) -> str:
     return device.type
 
 
+def _model_source(accelerator: Any, model_cfg: Any, run_base: Path) -> Any:
+    """The model section this process loads: a built-in model is written once, by the main
+    process, into the run's base/ (transformers saves on rank 0 only); the others load that
+    directory. Call inside `accelerator.main_process_first()`."""
+    from ftkit.models.builtin import is_builtin
+
+    if accelerator.is_main_process or not is_builtin(model_cfg.name):
+        return model_cfg
+    return model_cfg.model_copy(update={"name": str(run_base)})
+
+
 def _assert_finite(model: Any) -> None:
     import torch
 
-    from ftkit.distributed import local_tensor
+    from ftkit.distributed.collectives import local_tensor
 
     for name, param in model.named_parameters():
         if param.requires_grad and not torch.isfinite(local_tensor(param)).all():
