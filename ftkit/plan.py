@@ -625,6 +625,10 @@ def _detect_gpu() -> Gpu | None:
 # ---------------------------------------------------------------- output
 
 
+#: wide enough that no row wraps (model paths are long); the notes are printed unwrapped
+TABLE_WIDTH = 200
+
+
 def render_table(plan: Plan) -> str:
     """The plan for people (written to stderr): a header line, a table of counts and speed, a table
     of memory (the one-GPU figure beside the per-GPU one under the recipe's distributed section),
@@ -637,10 +641,6 @@ def render_table(plan: Plan) -> str:
     for line in lines:
         console.print("  " + line, soft_wrap=True, highlight=False)
     return "".join(line.rstrip() + "\n" for line in console.file.getvalue().splitlines())  # cells pad to width
-
-
-#: wide enough that no row wraps (model paths are long); the notes are printed unwrapped
-TABLE_WIDTH = 200
 
 
 def _figures_table(plan: Plan) -> Table:
@@ -661,30 +661,28 @@ def _figures_table(plan: Plan) -> Table:
 
 
 def _memory_table(plan: Plan) -> Table:
-    """Rows of the memory breakdown that are not zero, then the peak (and CPU RAM under offload)."""
-    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    """Rows of the memory breakdown that are not zero, then the peak (and CPU RAM under offload);
+    one column for one GPU, or the one-GPU column beside the per-GPU one."""
     split = plan.per_gpu
+    breakdowns = [plan.memory] if split is None else [plan.memory, split["memory"]]
+    peaks = [plan.peak_bytes] if split is None else [plan.peak_bytes, split["peak_bytes"]]
     table = Table(box=None, pad_edge=False, header_style="")
     table.add_column("memory")
-    table.add_column("one GPU" if split else "", justify="right")
-    if split is None:
-        table.add_column("")
-        for key, value in plan.memory.items():
-            if value:
-                table.add_row(key, gib(value), "")
-        table.add_row("peak", gib(plan.peak_bytes), f"({'fits' if plan.fits else 'does NOT fit'} {plan.gpu})")
-        return table
-    table.add_column("per GPU", justify="right")
-    table.add_column(f"({plan.processes} × {split['strategy']})")
-    for key in dict.fromkeys([*plan.memory, *split["memory"]]):
-        one, each = plan.memory.get(key, 0), split["memory"].get(key, 0)
-        if one or each:
-            table.add_row(key, gib(one), gib(each), "")
-    verdict = "fits" if split["fits"] else "does NOT fit"
-    table.add_row("peak", gib(plan.peak_bytes), gib(split["peak_bytes"]), f"({verdict} {plan.gpu})")
-    if split["cpu_offload_bytes"]:
-        table.add_row("CPU RAM", "", gib(split["cpu_offload_bytes"]), "(offloaded, per process)")
+    for header in [""] if split is None else ["one GPU", "per GPU"]:
+        table.add_column(header, justify="right")
+    table.add_column("" if split is None else f"({plan.processes} × {split['strategy']})")
+    for key in dict.fromkeys(key for breakdown in breakdowns for key in breakdown):
+        values = [breakdown.get(key, 0) for breakdown in breakdowns]
+        if any(values):
+            table.add_row(key, *map(_gib, values), "")
+    table.add_row("peak", *map(_gib, peaks), f"({'fits' if plan.fits else 'does NOT fit'} {plan.gpu})")
+    if split is not None and split["cpu_offload_bytes"]:
+        table.add_row("CPU RAM", "", _gib(split["cpu_offload_bytes"]), "(offloaded, per process)")
     return table
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
 
 
 def _duration(seconds: float) -> str:
