@@ -86,10 +86,10 @@ def train(
     resolved = load_recipe(recipe, set_ or [])  # a bad recipe fails here, before any process starts
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
-    from ftkit import distributed
+    from ftkit.distributed.launch import launch, needs_launch
 
-    if distributed.needs_launch(resolved, nproc):
-        sys.exit(distributed.launch(nproc or 1, sys.argv[1:]))  # SystemExit: click would swallow typer.Exit
+    if needs_launch(resolved, nproc):
+        sys.exit(launch(nproc or 1, sys.argv[1:]))  # SystemExit: click would swallow typer.Exit
     from ftkit.train.run import run_training
 
     run_training(resolved, overwrite=overwrite, resume=checkpoint if checkpoint is not None else resume)
@@ -387,7 +387,7 @@ def _stdout_reserved():
 
 def _fail(message: str, exit_code: int) -> None:
     """Print the failure (one line) and exit; under several processes the launcher may print it instead."""
-    from ftkit.distributed import hand_over_failure
+    from ftkit.distributed.launch import hand_over_failure
 
     if not hand_over_failure(message, exit_code):
         sys.stderr.write(message + "\n")

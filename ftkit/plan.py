@@ -24,7 +24,7 @@ trainable parameters are exact for every registered method. Memory is the sum of
 8 optimizer), as does QLoRA's 65B on a 48 GB GPU (tests/unit/test_plan.py).
 
 Several GPUs (`processes` N, the recipe's `distributed` section): `per_gpu` splits the
-state as `ftkit.distributed.sharded_state_bytes` says (ZeRO-1 optimizer state, ZeRO-2 also
+state as `sharded_state_bytes` says (ZeRO-1 optimizer state, ZeRO-2 also
 gradients, ZeRO-3 / fsdp also weights; hybrid fsdp within a node; offload to CPU RAM).
 DeepSpeed with bf16/fp16 casts the whole model to 16 bits and keeps the fp32 master
 weights in its optimizer: 2 B weights + 2 B gradients + (4 + Adam's 8) B optimizer per
@@ -43,12 +43,24 @@ stated in the output.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ftkit.distributed.launch import world_size
 from ftkit.errors import FtkitError, ModelError
+from ftkit.methods import get_method
+from ftkit.models.builtin import builtin_config, is_builtin
 from ftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -165,8 +177,6 @@ def estimate(
 ) -> Plan:
     """The plan of `recipe` on `gpu` (a key of GPUS; default: this machine's GPU, else h100-80gb),
     run as `processes` processes (one per GPU; `gpus_per_node` for fsdp hybrid sharding)."""
-    import torch
-
     spec = _gpu(gpu)
     config = load_config(recipe)
     model = _meta_model(config, recipe)
@@ -248,7 +258,6 @@ def estimate(
             f"{processes} processes: tokens/s and MFU are per GPU; the wall time assumes linear scaling "
             "(no communication cost)"
         )
-    del torch
     return Plan(
         model=recipe.model.name,
         method=recipe.method.name,
@@ -300,8 +309,6 @@ def _per_gpu(
     parameter. Sharded weights (ZeRO-3, fsdp) are gathered one unit at a time, with the next
     one prefetched: 2 × (sharded weights / layers) on top of each process's shard.
     """
-    from ftkit.distributed import sharded_state_bytes
-
     d = recipe.distributed
     weights, gradients, optimizer = memory["weights"], memory["gradients"], memory["optimizer"]
     if d.strategy == "deepspeed" and mixed:
@@ -340,6 +347,67 @@ def _per_gpu(
         "peak_bytes": int(peak),
         "fits": peak + DEVICE_RESERVE_BYTES <= spec.memory_bytes,
     }
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of training state per process: on the GPU, and moved to CPU RAM by offload."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    cpu: float = 0.0
+
+    @property
+    def gpu(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def sharded_state_bytes(
+    weights: float,
+    gradients: float,
+    optimizer: float,
+    strategy: str,
+    n_gpus: int,
+    zero_stage: int = 2,
+    offload: str = "none",
+    sharding: str = "full",
+    gpus_per_node: int | None = None,
+) -> StateBytes:
+    """Per-GPU bytes of weights, gradients and optimizer state when N GPUs share the work.
+
+    Inputs are the one-GPU totals (frozen weights count in `weights` only). ZeRO
+    (Rajbhandari et al., 2020, fig. 1): mixed-precision Adam on Ψ parameters holds 2Ψ
+    16-bit weights + 2Ψ 16-bit gradients + KΨ optimizer state (K = 12: fp32 master
+    weights, momentum, variance); over N data-parallel GPUs, per GPU
+
+        ddp            2Ψ + 2Ψ + KΨ                 (replicated)
+        ZeRO-1 (P_os)  2Ψ + 2Ψ + KΨ/N
+        ZeRO-2 (+g)    2Ψ + (2 + K)Ψ/N
+        ZeRO-3 (+p)    (2 + 2 + K)Ψ/N
+        fsdp full      as ZeRO-3; hybrid: N = GPUs per node (replicated across nodes)
+
+    e.g. Ψ = 7.5B, N = 64: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB. Offload moves the optimizer
+    state (`optimizer`), or weights and optimizer state (`params`; fsdp moves the
+    gradients too), per process, to CPU RAM. Activations are not state and are not split.
+    """
+    n = max(1, n_gpus)
+    if strategy == "fsdp":
+        n = min(n, gpus_per_node or n) if sharding == "hybrid" else n
+        split = (True, True, True)
+    elif strategy == "deepspeed":
+        split = (zero_stage >= 3, zero_stage >= 2, zero_stage >= 1)
+    else:
+        split = (False, False, False)
+    w, g, o = (v / n if is_split else v for v, is_split in zip((weights, gradients, optimizer), split, strict=True))
+    cpu = 0.0
+    if offload in ("optimizer", "params"):
+        cpu, o = cpu + o, 0.0
+    if offload == "params":
+        cpu, w = cpu + w, 0.0
+        if strategy == "fsdp":
+            cpu, g = cpu + g, 0.0
+    return StateBytes(weights=w, gradients=g, optimizer=o, cpu=cpu)
 
 
 def describe_strategy(recipe: Recipe) -> str:
@@ -385,8 +453,6 @@ def memory_warning(recipe: Recipe, capacity_bytes: int, gpu: str | None = None) 
     the per-GPU peak when the launcher started several processes (WORLD_SIZE).
     A model whose config cannot be read gives a note instead: a plan is advice, never a gate.
     """
-    from ftkit.distributed import world_size
-
     try:
         plan = estimate(recipe, gpu, processes=world_size())
     except Exception as err:  # a method the planner cannot build on the meta device, an unreadable config
@@ -419,15 +485,9 @@ def mfu(recipe: Recipe, tokens_per_s: float, device: Any) -> float | None:
 
 def load_config(recipe: Recipe) -> Any:
     """The model's transformers config: built-in, local config.json, or a hub model's config.json."""
-    from pathlib import Path
-
-    from ftkit.models.builtin import builtin_config, is_builtin
-
     cfg = recipe.model
     if is_builtin(cfg.name):
         return builtin_config(cfg.name)
-    from transformers import AutoConfig
-
     local = Path(cfg.name).expanduser()
     try:
         return AutoConfig.from_pretrained(
@@ -441,14 +501,6 @@ def load_config(recipe: Recipe) -> Any:
 
 
 def _meta_model(config: Any, recipe: Recipe) -> Any:
-    import contextlib
-    import io
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ftkit.methods import get_method
-
     # the method decides what trains; inside the meta context peft builds (and "initialises")
     # its adapters without memory or compute too
     with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
@@ -460,8 +512,6 @@ def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
     """Totals by role: all, trainable, matmul weights (linear layers incl. the head), frozen
     linear weights (what 4-bit quantizes) and the largest of them, input features feeding
     adapters (all layers)."""
-    import torch
-
     total = trainable = matmul = matmul_trainable = linear_frozen = largest = adapted_inputs = 0
     trainable_dtypes = set()
     head = model.get_output_embeddings()
@@ -559,8 +609,6 @@ def _gpu(name: str | None) -> Gpu:
 
 def _detect_gpu() -> Gpu | None:
     """This machine's GPU as a GPUS entry, matched by name and memory; None without CUDA."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name().lower().replace(" ", "")
@@ -577,43 +625,64 @@ def _detect_gpu() -> Gpu | None:
 # ---------------------------------------------------------------- output
 
 
+#: wide enough that no row wraps (model paths are long); the notes are printed unwrapped
+TABLE_WIDTH = 200
+
+
 def render_table(plan: Plan) -> str:
-    """The plan as an aligned text table (for stderr)."""
-    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    """The plan for people (written to stderr): a header line, a table of counts and speed, a table
+    of memory (the one-GPU figure beside the per-GPU one under the recipe's distributed section),
+    the notes and, when it does not fit, the advice. Plain text: no colour, no wrapped rows."""
+    console = Console(file=io.StringIO(), width=TABLE_WIDTH, color_system=None, markup=False, emoji=False)
+    console.print(f"plan · {plan.model} · {plan.method} · {plan.gpu}", soft_wrap=True, highlight=False)
+    console.print(Padding(_figures_table(plan), (0, 0, 0, 2), expand=False), highlight=False)
+    console.print(Padding(_memory_table(plan), (0, 0, 0, 2), expand=False), highlight=False)
+    lines = [f"note: {note}" for note in plan.notes] + ([] if plan.fits else [plan.advice()])
+    for line in lines:
+        console.print("  " + line, soft_wrap=True, highlight=False)
+    return "".join(line.rstrip() + "\n" for line in console.file.getvalue().splitlines())  # cells pad to width
+
+
+def _figures_table(plan: Plan) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_column()
     pct = 100 * plan.params_trainable / max(plan.params_total, 1)
-    lines = [
-        f"plan · {plan.model} · {plan.method} · {plan.gpu}",
-        f"  parameters       {plan.params_total:>16,}",
-        f"  trainable        {plan.params_trainable:>16,}  ({pct:.2f}%)",
-        f"  tokens/micro-step{plan.tokens_per_micro_step:>16,}",
-    ]
-    split = plan.per_gpu
-    if split is None:
-        lines.append("  memory")
-        for key, value in plan.memory.items():
-            if value:
-                lines.append(f"    {key:<15}{gib(value)}")
-        lines.append(f"    {'peak':<15}{gib(plan.peak_bytes)}  ({'fits' if plan.fits else 'does NOT fit'} {plan.gpu})")
-    else:
-        # the one-GPU figure beside the per-GPU one under the recipe's distributed section
-        lines.append(f"  memory           {'one GPU':>12}  {'per GPU':>12}  ({plan.processes} × {split['strategy']})")
-        for key in dict.fromkeys([*plan.memory, *split["memory"]]):
-            one, each = plan.memory.get(key, 0), split["memory"].get(key, 0)
-            if one or each:
-                lines.append(f"    {key:<15}{gib(one)}  {gib(each)}")
-        verdict = "fits" if split["fits"] else "does NOT fit"
-        lines.append(f"    {'peak':<15}{gib(plan.peak_bytes)}  {gib(split['peak_bytes'])}  ({verdict} {plan.gpu})")
-        if split["cpu_offload_bytes"]:
-            lines.append(f"    {'CPU RAM':<15}{'':>12}  {gib(split['cpu_offload_bytes'])}  (offloaded, per process)")
-    lines.append(f"  FLOPs/token      {plan.flops_per_token:16.3e}  (executed {plan.executed_flops_per_token:.3e})")
+    table.add_row("parameters", f"{plan.params_total:,}", "")
+    table.add_row("trainable", f"{plan.params_trainable:,}", f"({pct:.2f}%)")
+    table.add_row("tokens/micro-step", f"{plan.tokens_per_micro_step:,}", "")
+    table.add_row("FLOPs/token", f"{plan.flops_per_token:.3e}", f"(executed {plan.executed_flops_per_token:.3e})")
     if plan.tokens_per_s:
-        lines.append(f"  tokens/s         {plan.tokens_per_s:16,.0f}  (MFU {plan.mfu:.0%})")
+        table.add_row("tokens/s", f"{plan.tokens_per_s:,.0f}", f"(MFU {plan.mfu:.0%})")
     if plan.wall_s:
-        lines.append(f"  wall time        {_duration(plan.wall_s):>16}  ({plan.steps} steps)")
-    lines += [f"  note: {note}" for note in plan.notes]
-    if not plan.fits:
-        lines.append("  " + plan.advice())
-    return "\n".join(lines) + "\n"
+        table.add_row("wall time", _duration(plan.wall_s), f"({plan.steps} steps)")
+    return table
+
+
+def _memory_table(plan: Plan) -> Table:
+    """Rows of the memory breakdown that are not zero, then the peak (and CPU RAM under offload);
+    one column for one GPU, or the one-GPU column beside the per-GPU one."""
+    split = plan.per_gpu
+    breakdowns = [plan.memory] if split is None else [plan.memory, split["memory"]]
+    peaks = [plan.peak_bytes] if split is None else [plan.peak_bytes, split["peak_bytes"]]
+    table = Table(box=None, pad_edge=False, header_style="")
+    table.add_column("memory")
+    for header in [""] if split is None else ["one GPU", "per GPU"]:
+        table.add_column(header, justify="right")
+    table.add_column("" if split is None else f"({plan.processes} × {split['strategy']})")
+    for key in dict.fromkeys(key for breakdown in breakdowns for key in breakdown):
+        values = [breakdown.get(key, 0) for breakdown in breakdowns]
+        if any(values):
+            table.add_row(key, *map(_gib, values), "")
+    table.add_row("peak", *map(_gib, peaks), f"({'fits' if plan.fits else 'does NOT fit'} {plan.gpu})")
+    if split is not None and split["cpu_offload_bytes"]:
+        table.add_row("CPU RAM", "", _gib(split["cpu_offload_bytes"]), "(offloaded, per process)")
+    return table
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
 
 
 def _duration(seconds: float) -> str:

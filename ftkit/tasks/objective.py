@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ftkit import distributed
+from ftkit.distributed import collectives
 
 
 class Objective(Protocol):
@@ -61,7 +61,7 @@ def evaluate(
     total, units, metric_sums = 0.0, 0, {}
     for start in range(0, len(order), batch_size * world):
         chunk = order[start : start + batch_size * world]
-        part, weight = distributed.rank_examples(examples, chunk, rank, world)  # weight 0: nothing of it here
+        part, weight = collectives.rank_examples(examples, chunk, rank, world)  # weight 0: nothing of it here
         batch = {k: v.to(device) for k, v in objective.collate(part, pad_id).items()}
         loss, metrics = objective.loss_sum(model, batch)
         total += weight * float(loss)
@@ -71,7 +71,7 @@ def evaluate(
     model.train(was_training)
     if world > 1:
         keys = sorted(metric_sums)
-        total, units, *sums = distributed.global_sums(accelerator, [total, units, *(metric_sums[k] for k in keys)])
+        total, units, *sums = collectives.global_sums(accelerator, [total, units, *(metric_sums[k] for k in keys)])
         metric_sums = dict(zip(keys, sums, strict=True))
     n = max(units, 1)
     return {"loss": total / n} | {key: value / n for key, value in metric_sums.items()}

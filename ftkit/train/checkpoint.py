@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ftkit.errors import ResourceError, RunDirError
+from ftkit.models.hf_files import has_adapter_config, load_tensors
 from ftkit.rundir import (
     CHECKPOINTS,
     COMPLETE,
@@ -344,10 +346,8 @@ def load_weights(model: Any, path: Path) -> None:
     a full model through `load_state_dict` by parameter name. Every trainable parameter must be
     in the files, or share storage with one that is (tied embeddings); otherwise RunDirError.
     """
-    if (path / "adapter_config.json").is_file():
-        from peft import set_peft_model_state_dict
-
-        state = load_file(path / "adapter_model.safetensors")
+    state = load_tensors(path)
+    if has_adapter_config(path):
         result = set_peft_model_state_dict(model, state)
         if result.unexpected_keys:
             raise RunDirError(
@@ -355,11 +355,6 @@ def load_weights(model: Any, path: Path) -> None:
             )
         loaded = {name for name, _ in model.named_parameters()} - set(result.missing_keys)
     else:
-        index = path / "model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-        state = {}
-        for shard in shards or ["model.safetensors"]:
-            state.update(load_file(path / shard))
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise RunDirError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ftkit import distributed
+from ftkit.distributed import collectives
+from ftkit.distributed.state import gathered, rank_rng_states
 from ftkit.errors import NonFiniteError, ResourceError
 from ftkit.recipe.schema import TrainSection
 from ftkit.rundir import FINAL
@@ -78,8 +79,8 @@ class Checkpointer:
         """`Hooks.checkpoint`: called on every process, which all gather; the main one writes."""
         trainable, accelerator = self.trainable, self.accelerator
         assert_finite(trainable.unwrapped)
-        to_save, optimizer_to_save = distributed.gathered(accelerator, trainable.model, trainable.optimizer)
-        rng_ranks = distributed.rank_rng_states(accelerator)  # every process
+        to_save, optimizer_to_save = gathered(accelerator, trainable.model, trainable.optimizer)
+        rng_ranks = rank_rng_states(accelerator)  # every process
         if accelerator.is_main_process:
             extra = self.trainer_state(state) | rng_ranks
             method_state = trainable.hooks.state() if trainable.hooks.state is not None else None
@@ -99,5 +100,5 @@ class Checkpointer:
 def assert_finite(model: Any) -> None:
     """NonFiniteError naming the first trainable parameter (this process's shard of it) that holds a NaN or inf."""
     for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(distributed.local_tensor(param)).all():
+        if param.requires_grad and not torch.isfinite(collectives.local_tensor(param)).all():
             raise NonFiniteError(f"trainable parameter {name} is not finite; nothing was saved")

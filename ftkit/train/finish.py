@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from ftkit import distributed
 from ftkit.data import read_rows, render_prompt
+from ftkit.distributed import collectives
+from ftkit.distributed.state import gathered
 from ftkit.errors import Interrupted, NonFiniteError, ResourceError
 from ftkit.models import hf_files
 from ftkit.recipe.schema import Recipe
@@ -63,7 +64,7 @@ def finish(
         task.generates_text
         and recipe.train.samples
         and splits.val
-        and not distributed.any_process(accelerator, stop.requested)
+        and not collectives.any_process(accelerator, stop.requested)
     ):
         write_samples(
             trainable.unwrapped,
@@ -81,7 +82,7 @@ def save_final(recipe: Recipe, accelerator: Any, trainable: Trainable) -> None:
     one); an adapter records the base it was trained on."""
     final = Path(recipe.output_dir) / FINAL
     assert_finite(trainable.unwrapped)
-    to_save, _ = distributed.gathered(accelerator, trainable.model)  # every process
+    to_save, _ = gathered(accelerator, trainable.model)  # every process
     if not accelerator.is_main_process:
         return
     if trainable.hooks.save_final is not None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ftkit import distributed
 from ftkit.data import Example, batch_order
+from ftkit.distributed import collectives
 from ftkit.errors import NonFiniteError
 from ftkit.recipe.schema import TrainSection
 from ftkit.tasks.causal_lm import SFT
@@ -102,7 +102,7 @@ def train_loop(
     With N processes (`ftkit.distributed`): the micro-batches are global ones of
     batch_size × N, each process takes its slice, T is summed over processes, and each
     process's loss is multiplied by N because the engines average gradients over processes
-    (`distributed.loss_scale`). Logged loss, tokens and metrics are global sums.
+    (`collectives.loss_scale`). Logged loss, tokens and metrics are global sums.
 
     A step whose loss or gradient norm is not finite applies no update (gradients are
     dropped; weights and optimizer state stay bit-identical). With `on_nonfinite: stop`
@@ -119,7 +119,7 @@ def train_loop(
     n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
     model.train()
     while state.step < total_steps:
-        if distributed.any_process(accelerator, hooks.should_stop(state)):
+        if collectives.any_process(accelerator, hooks.should_stop(state)):
             break
         started = time.perf_counter()
         lr = lr_at(state.step, cfg, total_steps)
@@ -128,18 +128,18 @@ def train_loop(
 
         # Gather the window first: the loss normaliser is the unit count of the whole window
         # (of all processes). Each micro-batch has a weight: 0 for a process with no example of it.
-        parts = [distributed.rank_examples(train_examples, next(stream), rank, world) for _ in range(cfg.grad_accum)]
+        parts = [collectives.rank_examples(train_examples, next(stream), rank, world) for _ in range(cfg.grad_accum)]
         window = [(objective.collate(part, pad_id), weight) for part, weight in parts]
         local_units = sum(weight * objective.units(batch) for batch, weight in window)
-        window_units = max(int(distributed.global_sums(accelerator, [local_units])[0]), 1)
+        window_units = max(int(collectives.global_sums(accelerator, [local_units])[0]), 1)
         loss_sum, input_tokens, metric_sums = 0.0, 0, {}
         for i, (batch, weight) in enumerate(window):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with distributed.micro_step(accelerator, model, is_last=i == len(window) - 1):
+            with collectives.micro_step(accelerator, model, is_last=i == len(window) - 1):
                 with accelerator.autocast():
                     loss, metrics = objective.loss_sum(model, batch)
                     loss = loss * weight / window_units
-                distributed.backward(accelerator, loss * distributed.loss_scale(accelerator))
+                collectives.backward(accelerator, loss * collectives.loss_scale(accelerator))
             # `loss` is the data loss; a method's penalty (PENALTY metric) trains but is reported apart
             loss_sum += float(loss.detach()) - weight * float(metrics.get(PENALTY, 0.0)) / window_units
             for key, value in metrics.items():
@@ -148,12 +148,12 @@ def train_loop(
             state.micro_step += 1
         if world > 1:  # every process must see the same loss: the non-finite check below decides for all
             keys = sorted(metric_sums)
-            loss_sum, input_tokens, *sums = distributed.global_sums(
+            loss_sum, input_tokens, *sums = collectives.global_sums(
                 accelerator, [loss_sum, input_tokens, *(metric_sums[k] for k in keys)]
             )
             input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
-        grad_norm = distributed.grad_norm(accelerator, params, cfg.max_grad_norm)
+        grad_norm = collectives.grad_norm(accelerator, params, cfg.max_grad_norm)
         is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if is_finite:
             optimizer.step()

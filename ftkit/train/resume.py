@@ -5,7 +5,7 @@
     check_recipe_change(old, new, ...)  refuse changed trajectory keys (naming them); notes for cadence keys
     data_hashes(data)                   sha256 of the data files, stored in every checkpoint
     truncate_metrics(path, step)        metrics.jsonl as the uninterrupted run had it at `step`
-    restore(path, model, optimizer)     weights + optimizer state; returns trainer_state.json
+    restore(accelerator, path, model, optimizer)  weights + optimizer state, shard-aware; returns trainer_state.json
     state_from(saved)                   the TrainState counters (step, data position, evals, skips)
     restore_generators(acc, path, ...)  every random generator as it was at the checkpoint (last of all)
 
@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ftkit import distributed
+from ftkit.distributed.collectives import is_deepspeed, is_sharded
+from ftkit.distributed.state import check_processes, restore_deepspeed, restore_rank_rng, restore_sharded
 from ftkit.errors import RunDirError
+from ftkit.models.hf_files import load_tensors
 from ftkit.recipe import load_recipe
 from ftkit.recipe.schema import DataSection, Recipe
 from ftkit.rundir import (
@@ -142,7 +144,7 @@ def reopen(
     if is_main:
         verify_checkpoint(resume_from)
     saved = json.loads((resume_from / TRAINER_STATE).read_text())
-    distributed.check_processes(accelerator, saved)
+    check_processes(accelerator, saved)
     old = load_recipe(run_dir / RECIPE)
     for note in check_recipe_change(old, recipe, saved.get("data_sha256", {}), data_sha256):
         log(f"note: resuming with {note}")
@@ -249,19 +251,33 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def restore(path: Path, model: Any, optimizer: Any) -> dict:
-    """Load weights and optimizer state from checkpoint `path` in place; return its trainer_state.json.
+def restore(accelerator: Any, path: Path, model: Any, optimizer: Any) -> dict:
+    """Load weights and optimizer state from checkpoint `path` into the prepared model and optimizer,
+    in place, on every process; return its trainer_state.json.
 
+    Replicated models (one process, ddp): `_restore_replicated`. Sharded (FSDP) and DeepSpeed
+    models: the full tensors are read here and every process keeps its part
+    (`ftkit.distributed.state`: `restore_sharded`, `restore_deepspeed`).
     RNG is not restored here: call `checkpoint.restore_rng` just before the loop, after
     everything that draws random numbers while the model is being built.
     """
+    if is_deepspeed(accelerator):
+        restore_deepspeed(accelerator, model, optimizer, load_tensors(path), load_optimizer_state(path), path)
+    elif is_sharded(model):
+        restore_sharded(model, optimizer, load_tensors(path), load_optimizer_state(path), path)
+    else:
+        _restore_replicated(path, accelerator.unwrap_model(model), optimizer)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _restore_replicated(path: Path, model: Any, optimizer: Any) -> None:
+    """Weights and optimizer state of a model every process holds whole."""
     load_weights(model, path)
     try:
         optimizer.load_state_dict(load_optimizer_state(path))
     except (ValueError, KeyError) as err:
         raise RunDirError(f"{path}: the optimizer state does not fit this optimizer ({err})") from None
     _repage(optimizer)
-    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def state_from(saved: dict) -> TrainState:
@@ -277,7 +293,7 @@ def restore_generators(accelerator: Any, path: Path, saved: dict) -> None:
     Call it last, just before the loop: building the model and the optimizer draws from them.
     """
     restore_rng(load_file(path / RNG), saved["rng"])
-    distributed.restore_rank_rng(accelerator, saved)  # each process's own torch generators
+    restore_rank_rng(accelerator, saved)  # each process's own torch generators
 
 
 def _repage(optimizer: Any) -> None:

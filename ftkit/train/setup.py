@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from ftkit import distributed
 from ftkit.data import Splits, load_splits
 from ftkit.data.packing import pack_examples
+from ftkit.distributed import collectives, engines
 from ftkit.errors import ModelError
 from ftkit.methods import MethodHooks, RunInfo, get_method
 from ftkit.models.builtin import build_byte_tokenizer, is_builtin
@@ -54,7 +54,7 @@ from ftkit.train.optim import build_optimizer
 
 def start_accelerator(recipe: Recipe) -> Any:
     """The accelerator for `recipe.distributed`, with every generator seeded from train.seed."""
-    accelerator = distributed.build_accelerator(recipe, mixed_precision(recipe.train.mixed_precision))
+    accelerator = engines.build_accelerator(recipe, mixed_precision(recipe.train.mixed_precision))
     set_seed(recipe.train.seed)
     return accelerator
 
@@ -217,7 +217,7 @@ def build_trainable(
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method, run_info)
     hooks = method.hooks(model, recipe.method, run_info)
-    distributed.check_method_hooks(accelerator, recipe, hooks)
+    engines.check_method_hooks(accelerator, recipe, hooks)
     if recipe.model.torch_compile:
         compile_layers(model)
     trainable, total = count_parameters(model)
@@ -226,7 +226,7 @@ def build_trainable(
         optimizer = hooks.optimizer(cfg)
     else:
         optimizer = build_optimizer(hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg)
-    model, optimizer = distributed.prepare(accelerator, recipe, model, optimizer)
+    model, optimizer = engines.prepare(accelerator, recipe, model, optimizer)
     return Trainable(model, optimizer, accelerator.unwrap_model(model), tokenizer, base, hooks, trainable, total)
 
 
@@ -246,7 +246,7 @@ def describe(recipe: Recipe, inputs: Inputs, trainable: int, total: int, acceler
         f"{recipe.model.name} · {recipe.method.name} · trainable {trainable:,} of {total:,} params "
         f"({100 * trainable / max(total, 1):.2f}%) · {len(splits.train)} train / {len(splits.val)} val examples"
         f"{f' in {len(inputs.train_examples)} packed rows' if recipe.data.packing else ''} · "
-        f"{inputs.total_steps} steps · {accelerator.device}{distributed.describe(accelerator, recipe)}"
+        f"{inputs.total_steps} steps · {accelerator.device}{engines.describe(accelerator, recipe)}"
     )
 
 
@@ -255,7 +255,7 @@ def task_objective(
 ) -> tuple[Any, dict]:
     """(what the loop minimises, the facts summary.json records about it): the task's objective
     for the model as it starts, plus the method's penalty when it has one."""
-    with distributed.own_dir(accelerator, Path(recipe.output_dir)) as where:  # files it writes: the main process's only
+    with collectives.own_dir(accelerator, Path(recipe.output_dir)) as where:  # files it writes: the main process's only
         objective, facts = task.objective(
             recipe, trainable.unwrapped, splits, where, accelerator.device, trainable.tokenizer.pad_token_id
         )

@@ -1,21 +1,24 @@
 """The single-process side of `ftkit.distributed`: data slices, engine configs generated from
-the recipe, the ZeRO memory split, recipe rules and launcher plumbing. The multi-process
-runs themselves are in tests/e2e/test_distributed.py."""
+the recipe, recipe rules and launcher plumbing. The multi-process runs themselves are in
+tests/e2e/test_distributed.py; the ZeRO memory split (`ftkit plan`) in tests/unit/test_plan.py."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ftkit import distributed
 from ftkit.data import Example, batch_order
+from ftkit.distributed import DistributedError, collectives, engines, launch, state
 from ftkit.errors import RecipeError
 from ftkit.recipe import dump_recipe, parse_recipe
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "method: {name: lora}\ndata: {train: t.jsonl}\n"
-GB = 1e9
 
 
 def recipe(text: str = "", *overrides: str):
@@ -29,7 +32,7 @@ def recipe(text: str = "", *overrides: str):
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_rank_slices_partition_the_global_batch(n, world):
     indices = list(range(100, 100 + n))
-    parts = [distributed.rank_slice(indices, r, world) for r in range(world)]
+    parts = [collectives.rank_slice(indices, r, world) for r in range(world)]
     assert sum(parts, []) == indices  # in order: nothing dropped, nothing repeated
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
@@ -42,16 +45,16 @@ def test_two_ranks_see_the_batches_of_one_process_with_twice_the_batch_size():
         one = batch_order(lengths, 4, seed=3, epoch=epoch)
         global_batches = batch_order(lengths, 2 * 2, seed=3, epoch=epoch)
         for single, batch in zip(one, global_batches, strict=True):
-            parts = [distributed.rank_slice(batch, r, 2) for r in range(2)]
+            parts = [collectives.rank_slice(batch, r, 2) for r in range(2)]
             assert sorted(parts[0] + parts[1]) == sorted(single)
 
 
 def test_an_empty_slice_runs_an_example_with_weight_zero():
     examples = [Example([1, 5, 6, 7], [-100, 5, 6, 7], "a:1"), Example([1, 8, 9], [-100, 8, 9], "a:2")]
     # one example for two processes: process 1 has it, process 0 runs it too with weight 0
-    assert distributed.rank_examples(examples, [1], rank=0, world=2) == ([examples[1]], 0.0)
-    assert distributed.rank_examples(examples, [1], rank=1, world=2) == ([examples[1]], 1.0)
-    assert distributed.rank_examples(examples, [0, 1], rank=0, world=1) == (examples, 1.0)
+    assert collectives.rank_examples(examples, [1], rank=0, world=2) == ([examples[1]], 0.0)
+    assert collectives.rank_examples(examples, [1], rank=1, world=2) == ([examples[1]], 1.0)
+    assert collectives.rank_examples(examples, [0, 1], rank=0, world=1) == (examples, 1.0)
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
@@ -66,7 +69,7 @@ def test_deepspeed_config_comes_from_the_recipe(stage, offload, precision):
         "train: {batch_size: 3, grad_accum: 5, max_grad_norm: 0.5}\n"
         f"distributed: {{strategy: deepspeed, zero_stage: {stage}, offload: {offload}}}\n"
     )
-    config = distributed.deepspeed_config(r, world=4, mixed_precision=precision)
+    config = engines.deepspeed_config(r, world=4, mixed_precision=precision)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 5
     assert config["train_batch_size"] == 3 * 5 * 4  # DeepSpeed asserts micro × accumulation × processes
@@ -93,13 +96,13 @@ def test_a_given_deepspeed_file_keeps_its_settings_and_may_not_contradict_the_re
     file = tmp_path / "ds.json"
     file.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"overlap_comm": True}}))
     r = recipe(f"distributed: {{strategy: deepspeed, deepspeed_config: {file}}}\n")
-    config = distributed.deepspeed_config(r, world=2, mixed_precision="bf16")
+    config = engines.deepspeed_config(r, world=2, mixed_precision="bf16")
     assert config["zero_optimization"] == {"overlap_comm": True, "stage": 2}
     assert config["train_micro_batch_size_per_gpu"] == r.train.batch_size  # "auto" filled from the recipe
 
     file.write_text(json.dumps({"gradient_accumulation_steps": 16, "zero_optimization": {"stage": 3}}))
-    with pytest.raises(distributed.DistributedError) as err:
-        distributed.deepspeed_config(r, world=2, mixed_precision="bf16")
+    with pytest.raises(DistributedError) as err:
+        engines.deepspeed_config(r, world=2, mixed_precision="bf16")
     message = str(err.value)
     assert str(file) in message and "gradient_accumulation_steps is 16" in message
     assert "zero_optimization.stage is 3" in message
@@ -114,7 +117,7 @@ def test_fsdp_plugin_comes_from_the_recipe(offload):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     r = recipe(f"distributed: {{strategy: fsdp, offload: {offload}}}\n")
-    plugin = distributed.fsdp_plugin(r)
+    plugin = engines.fsdp_plugin(r)
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True  # full sharding
     assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) == (offload == "params")
@@ -124,46 +127,6 @@ def test_fsdp_plugin_comes_from_the_recipe(offload):
     model = LlamaForCausalLM(config)
     plugin.set_auto_wrap_policy(model)
     assert {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]} == {"LlamaDecoderLayer"}
-
-
-# --------------------------------------------------------------------------- memory split
-
-
-def test_zero_split_reproduces_the_paper():
-    """ZeRO paper, fig. 1: Ψ = 7.5B parameters, K = 12, N = 64 GPUs."""
-    psi = 7.5e9
-    totals = dict(weights=2 * psi, gradients=2 * psi, optimizer=12 * psi)
-    per_gpu = {
-        "ddp": distributed.sharded_state_bytes(**totals, strategy="ddp", n_gpus=64).gpu,
-        1: distributed.sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=1, n_gpus=64).gpu,
-        2: distributed.sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=2, n_gpus=64).gpu,
-        3: distributed.sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=3, n_gpus=64).gpu,
-    }
-    assert per_gpu["ddp"] == pytest.approx(120 * GB)
-    assert per_gpu[1] == pytest.approx(31.4 * GB, rel=1e-3)
-    assert per_gpu[2] == pytest.approx(16.6 * GB, rel=3e-3)
-    assert per_gpu[3] == pytest.approx(1.875 * GB)
-    fsdp = distributed.sharded_state_bytes(**totals, strategy="fsdp", n_gpus=64)
-    assert fsdp.gpu == pytest.approx(per_gpu[3])  # full sharding splits like ZeRO-3
-    hybrid = distributed.sharded_state_bytes(**totals, strategy="fsdp", n_gpus=64, sharding="hybrid", gpus_per_node=8)
-    assert hybrid.gpu == pytest.approx(120 * GB / 8)  # shards within a node only
-
-
-def test_offload_moves_state_to_cpu_and_frozen_weights_split_only_at_stage_3():
-    # LoRA-like: 14 GB of frozen 16-bit base, a small adapter with its gradients and Adam state
-    lora = dict(weights=14 * GB, gradients=0.08 * GB, optimizer=0.32 * GB)
-    stage2 = distributed.sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=2, n_gpus=4)
-    assert stage2.weights == 14 * GB and stage2.gradients == pytest.approx(0.02 * GB)
-    stage3 = distributed.sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=3, n_gpus=4)
-    assert stage3.weights == pytest.approx(3.5 * GB)
-    offloaded = distributed.sharded_state_bytes(
-        **lora, strategy="deepspeed", zero_stage=3, n_gpus=4, offload="optimizer"
-    )
-    assert offloaded.optimizer == 0 and offloaded.cpu == pytest.approx(0.08 * GB)
-    params = distributed.sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=3, n_gpus=4, offload="params")
-    assert params.weights == 0 and params.cpu == pytest.approx((14 + 0.32) * GB / 4)
-    fsdp = distributed.sharded_state_bytes(**lora, strategy="fsdp", n_gpus=4, offload="params")
-    assert fsdp.gpu == 0 and fsdp.cpu == pytest.approx(14.4 * GB / 4)
 
 
 # --------------------------------------------------------------------------- recipe rules
@@ -200,44 +163,56 @@ def test_resolved_recipe_with_distributed_reloads_equal():
 # --------------------------------------------------------------------------- launching
 
 
+def test_the_launcher_imports_no_torch():
+    """The CLI imports ftkit.distributed.launch on every `ftkit train`, before it knows whether
+    to spawn, and `ftkit --help` must stay fast: the launcher (and the package) stay light."""
+    code = (
+        "import sys, ftkit.distributed.launch\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_nproc_is_removed_from_what_the_processes_run():
     argv = ["--debug", "train", "r.yaml", "--nproc", "2", "--set", "train.lr=1e-3", "--nproc=4", "--overwrite"]
     expected = ["--debug", "train", "r.yaml", "--set", "train.lr=1e-3", "--overwrite"]
-    assert distributed.argv_without_nproc(argv) == expected
+    assert launch.argv_without_nproc(argv) == expected
 
 
 def test_launch_decisions(monkeypatch):
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
     plain = recipe()
-    assert distributed.needs_launch(plain, 2) is True
-    assert distributed.needs_launch(plain, None) is False
+    assert launch.needs_launch(plain, 2) is True
+    assert launch.needs_launch(plain, None) is False
     fsdp = recipe("distributed: {strategy: fsdp}\n")
-    assert distributed.needs_launch(fsdp, None) is torch.cuda.is_available()  # one GPU still needs a group
+    assert launch.needs_launch(fsdp, None) is torch.cuda.is_available()  # one GPU still needs a group
     # DeepSpeed always runs in a process group (gloo on CPU), also with one process
-    assert distributed.needs_launch(recipe("distributed: {strategy: deepspeed}\n"), None) is True
+    assert launch.needs_launch(recipe("distributed: {strategy: deepspeed}\n"), None) is True
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(distributed.DistributedError, match="--nproc 2: this process was started by a launcher"):
-        distributed.needs_launch(plain, 2)
-    assert distributed.needs_launch(plain, None) is False
+    with pytest.raises(DistributedError, match="--nproc 2: this process was started by a launcher"):
+        launch.needs_launch(plain, 2)
+    assert launch.needs_launch(plain, None) is False
 
 
 def test_launcher_config_may_not_contradict_the_recipe(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(distributed.DistributedError, match="accelerate config uses fsdp, the recipe says ddp"):
-        distributed.build_accelerator(recipe(), "no")
+    with pytest.raises(DistributedError, match="accelerate config uses fsdp, the recipe says ddp"):
+        engines.build_accelerator(recipe(), "no")
 
 
 def test_bad_input_is_printed_once_across_processes(monkeypatch, tmp_path):
-    monkeypatch.delenv(distributed.FAILURE_DIR_ENV, raising=False)
+    monkeypatch.delenv(launch.FAILURE_DIR_ENV, raising=False)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert distributed.hand_over_failure("error: bad", 2) is True  # rank 0 prints it
-    assert distributed.hand_over_failure("error: rank 1 only", 1) is False
-    monkeypatch.setenv(distributed.FAILURE_DIR_ENV, str(tmp_path))
-    assert distributed.hand_over_failure("error: rank 1 only", 1) is True  # `--nproc`: the launcher prints it
+    assert launch.hand_over_failure("error: bad", 2) is True  # rank 0 prints it
+    assert launch.hand_over_failure("error: rank 1 only", 1) is False
+    monkeypatch.setenv(launch.FAILURE_DIR_ENV, str(tmp_path))
+    assert launch.hand_over_failure("error: rank 1 only", 1) is True  # `--nproc`: the launcher prints it
     report = json.loads((tmp_path / "rank-1.json").read_text())
     assert report["message"] == "error: rank 1 only" and report["exit_code"] == 1
 
@@ -248,31 +223,31 @@ def test_resume_refuses_another_number_of_processes():
     from ftkit.errors import RunDirError
 
     two = SimpleNamespace(num_processes=2)
-    distributed.check_processes(two, {"processes": 2})
+    state.check_processes(two, {"processes": 2})
     with pytest.raises(RunDirError, match=r"written by 1 process\(es\), this run has 2; .* resume with --nproc 1"):
-        distributed.check_processes(two, {})  # a one-process checkpoint stores no count
+        state.check_processes(two, {})  # a one-process checkpoint stores no count
 
 
 def test_method_hooks_that_need_whole_tensors_are_refused_when_sharded():
     from ftkit.methods.base import MethodHooks
 
     adalora_like = MethodHooks(before_zero_grad=[lambda step: None])
-    distributed.check_method_hooks(None, recipe(), adalora_like)  # ddp: every process has whole tensors
-    distributed.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), MethodHooks(param_groups=[]))
-    with pytest.raises(distributed.DistributedError, match=r"method.name: lora runs its own training hooks"):
-        distributed.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), adalora_like)
+    engines.check_method_hooks(None, recipe(), adalora_like)  # ddp: every process has whole tensors
+    engines.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), MethodHooks(param_groups=[]))
+    with pytest.raises(DistributedError, match=r"method.name: lora runs its own training hooks"):
+        engines.check_method_hooks(None, recipe("distributed: {strategy: fsdp}\n"), adalora_like)
 
 
 def test_finiteness_is_checked_on_a_zero3_partition_not_its_empty_placeholder():
     """Under ZeRO-3 a parameter is an empty tensor between forward passes; its values live in `ds_tensor`."""
     from ftkit.errors import NonFiniteError
-    from ftkit.train.run import _assert_finite
+    from ftkit.train.checkpointer import assert_finite
 
     model = torch.nn.Linear(2, 2)
     model.weight.data = torch.empty(0)  # what ZeRO-3 leaves in place of the weight
     model.weight.ds_tensor = torch.tensor([1.0, float("nan")])  # this process's partition
-    assert distributed.local_tensor(model.weight) is model.weight.ds_tensor
+    assert collectives.local_tensor(model.weight) is model.weight.ds_tensor
     with pytest.raises(NonFiniteError, match="weight is not finite"):
-        _assert_finite(model)
+        assert_finite(model)
     model.weight.ds_tensor = torch.tensor([1.0, 2.0])
-    _assert_finite(model)
+    assert_finite(model)

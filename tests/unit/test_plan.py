@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.plan import GIB, estimate, memory_warning
+from ftkit.plan import GIB, estimate, memory_warning, sharded_state_bytes
 from ftkit.recipe import parse_recipe
 from tests.support.helpers import make_recipe, run_cli
+
+GB = 1e9
 
 LLAMA_31_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -157,6 +159,41 @@ def test_cli_plan_prints_a_table_on_stderr_and_json_on_stdout(tmp_path, tiny_dat
 
 
 # --------------------------------------------------------------------------- several GPUs
+
+
+def test_zero_split_reproduces_the_paper():
+    """ZeRO paper, fig. 1: Ψ = 7.5B parameters, K = 12, N = 64 GPUs."""
+    psi = 7.5e9
+    totals = dict(weights=2 * psi, gradients=2 * psi, optimizer=12 * psi)
+    per_gpu = {
+        "ddp": sharded_state_bytes(**totals, strategy="ddp", n_gpus=64).gpu,
+        1: sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=1, n_gpus=64).gpu,
+        2: sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=2, n_gpus=64).gpu,
+        3: sharded_state_bytes(**totals, strategy="deepspeed", zero_stage=3, n_gpus=64).gpu,
+    }
+    assert per_gpu["ddp"] == pytest.approx(120 * GB)
+    assert per_gpu[1] == pytest.approx(31.4 * GB, rel=1e-3)
+    assert per_gpu[2] == pytest.approx(16.6 * GB, rel=3e-3)
+    assert per_gpu[3] == pytest.approx(1.875 * GB)
+    fsdp = sharded_state_bytes(**totals, strategy="fsdp", n_gpus=64)
+    assert fsdp.gpu == pytest.approx(per_gpu[3])  # full sharding splits like ZeRO-3
+    hybrid = sharded_state_bytes(**totals, strategy="fsdp", n_gpus=64, sharding="hybrid", gpus_per_node=8)
+    assert hybrid.gpu == pytest.approx(120 * GB / 8)  # shards within a node only
+
+
+def test_offload_moves_state_to_cpu_and_frozen_weights_split_only_at_stage_3():
+    # LoRA-like: 14 GB of frozen 16-bit base, a small adapter with its gradients and Adam state
+    lora = dict(weights=14 * GB, gradients=0.08 * GB, optimizer=0.32 * GB)
+    stage2 = sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=2, n_gpus=4)
+    assert stage2.weights == 14 * GB and stage2.gradients == pytest.approx(0.02 * GB)
+    stage3 = sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=3, n_gpus=4)
+    assert stage3.weights == pytest.approx(3.5 * GB)
+    offloaded = sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=3, n_gpus=4, offload="optimizer")
+    assert offloaded.optimizer == 0 and offloaded.cpu == pytest.approx(0.08 * GB)
+    params = sharded_state_bytes(**lora, strategy="deepspeed", zero_stage=3, n_gpus=4, offload="params")
+    assert params.weights == 0 and params.cpu == pytest.approx((14 + 0.32) * GB / 4)
+    fsdp = sharded_state_bytes(**lora, strategy="fsdp", n_gpus=4, offload="params")
+    assert fsdp.gpu == 0 and fsdp.cpu == pytest.approx(14.4 * GB / 4)
 
 
 def state_per_gpu(plan) -> float:
