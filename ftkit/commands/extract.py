@@ -242,7 +242,8 @@ def _table(columns: tuple[str, ...]) -> Table:
 
 
 def _render(table: Table) -> str:
-    """`table` as plain text, one line per row however wide (a log is read by people and grep alike)."""
+    """`table` as plain text indented under its heading, one line per row however wide (a log is read by
+    people and grep alike)."""
     buffer = io.StringIO()
     Console(file=buffer, width=10_000, color_system=None, force_terminal=False, highlight=False).print(table)
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+    return "\n".join("  " + line.rstrip() for line in buffer.getvalue().splitlines())
