@@ -146,7 +146,7 @@ def extract_lora(
             "layers": layers,
             "mean_retained_energy": sum(layer["retained_energy"] for layer in layers) / len(layers),
             "not_captured" if not keep_other else "saved_whole": others,
-            "adapter_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors")),
+            "adapter_bytes": sum(p.stat().st_size for p in hf_files.weight_files(staging)),
         }
         report |= _val_losses(base_target, tuned_target, staging, tokenizer, data, fmt, max_samples)
         report["wall_s"] = time.perf_counter() - started

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -98,10 +99,38 @@ def test_pointing_an_adapter_elsewhere_keeps_its_meaning(base, tmp_path):
     assert (logits(loaded) - expected).abs().max() <= 1e-6
 
 
-def test_prompt_adapter_type(base, tmp_path):
-    config = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
-    get_peft_model(load(base), config).save_pretrained(tmp_path / "prompt")
-    assert hf_files.peft_type(hf_files.adapter_config(tmp_path / "prompt")) == "PROMPT_TUNING"
+PEFT_CONFIGS = {
+    "dora": lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj"]),
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "lokr": lambda: peft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "prompt_tuning": lambda: peft.PromptTuningConfig(num_virtual_tokens=4),
+    "prefix_tuning": lambda: peft.PrefixTuningConfig(num_virtual_tokens=4),
+    "p_tuning": lambda: peft.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32),
+}
+
+
+@pytest.mark.parametrize("kind", PEFT_CONFIGS)
+def test_every_peft_type_ftkit_trains_keeps_its_config_through_a_rewrite(base, tmp_path, kind):
+    """What point_adapter_to writes for each adapter family ftkit trains: the same keys and values,
+    and the same model from PeftModel.from_pretrained."""
+    config = PEFT_CONFIGS[kind]()
+    config.task_type = "CAUSAL_LM"
+    get_peft_model(load(base), config).save_pretrained(tmp_path / "adapter")
+    before = json.loads((tmp_path / "adapter" / hf_files.ADAPTER_CONFIG).read_text())
+    expected = logits(PeftModel.from_pretrained(load(base), tmp_path / "adapter").eval())
+    hf_files.point_adapter_to(tmp_path / "adapter", str(base))
+    after = json.loads((tmp_path / "adapter" / hf_files.ADAPTER_CONFIG).read_text())
+    assert after.pop("base_model_name_or_path") == str(base)
+    before.pop("base_model_name_or_path")
+    assert after.keys() == before.keys()
+    assert all(sorted(after[k]) == sorted(before[k]) if isinstance(after[k], list) else after[k] == before[k]
+               for k in after)  # fmt: skip
+    assert hf_files.peft_type(hf_files.adapter_config(tmp_path / "adapter")) == before["peft_type"]
+    loaded = PeftModel.from_pretrained(load(base), tmp_path / "adapter").eval()
+    assert torch.equal(logits(loaded), expected)
 
 
 def test_adapter_weights_are_replaced_in_peft_s_layout(base, tmp_path):
