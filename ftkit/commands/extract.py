@@ -24,6 +24,7 @@ the full fine-tune.
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import shutil
@@ -32,7 +33,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.errors import ArgumentError, ModelError
+import torch
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ftkit.commands.eval import load_eval_set
+from ftkit.errors import ArgumentError, DataError, ModelError
+from ftkit.io import check_out, publish
+from ftkit.models import hf_files
+from ftkit.models.hf_files import Weights, check_same_architecture
+from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer, resolve_target
+from ftkit.tasks.causal_lm import full_logits_sft
+from ftkit.tasks.objective import evaluate
 
 REPORT_FILE = "extract_report.json"
 #: ‖Δ‖ / ‖W‖ below this counts as unchanged (float32 round-off of a saved and reloaded tensor is ~1e-7)
@@ -53,13 +67,6 @@ def extract_lora(
     max_samples: int | None = None,
 ) -> dict:
     """Write the extracted adapter to `out` (staged, then renamed) and return the report."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from ftkit.commands.merge_models import _Tensors, check_same_architecture
-    from ftkit.io import check_out, publish
-    from ftkit.models.target import load_model, load_tokenizer, resolve_target
-
     if (rank is None) == (energy is None):
         raise ArgumentError("give exactly one of --rank and --energy")
     started = time.perf_counter()
@@ -74,8 +81,8 @@ def extract_lora(
     if base_target.is_adapter:
         raise ModelError(f"--base: {base} is an adapter; give the base model it sits on")
     check_out(out, overwrite, [("tuned model", tuned_target.weights), ("base model", base_target.weights)])
-    tuned_tensors = _Tensors(Path(tuned_target.weights), "--tuned")
-    check_same_architecture(_Tensors(Path(base_target.weights), "--base"), tuned_tensors)
+    tuned_tensors = Weights(Path(tuned_target.weights), "--tuned")
+    check_same_architecture(Weights(Path(base_target.weights), "--base"), tuned_tensors)
 
     tokenizer = load_tokenizer(tuned_target)
     model = load_model(base_target, tokenizer, dtype="float32")
@@ -126,10 +133,7 @@ def extract_lora(
                     param.copy_(tuned_tensors.get(f"{module_name}.{param_name}"))
         peft_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        adapter_config_file = staging / "adapter_config.json"
-        adapter_config = json.loads(adapter_config_file.read_text())
-        adapter_config["base_model_name_or_path"] = base_target.weights
-        adapter_config_file.write_text(json.dumps(adapter_config, indent=2) + "\n")
+        hf_files.point_adapter_to(staging, base_target.weights)
         del peft_model, model
         gc.collect()
         report = {
@@ -142,7 +146,7 @@ def extract_lora(
             "layers": layers,
             "mean_retained_energy": sum(layer["retained_energy"] for layer in layers) / len(layers),
             "not_captured" if not keep_other else "saved_whole": others,
-            "adapter_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors")),
+            "adapter_bytes": sum(p.stat().st_size for p in hf_files.weight_files(staging)),
         }
         report |= _val_losses(base_target, tuned_target, staging, tokenizer, data, fmt, max_samples)
         report["wall_s"] = time.perf_counter() - started
@@ -155,8 +159,6 @@ def extract_lora(
 
 def factor(delta: Any, rank: int | None, energy: float | None) -> dict:
     """{"r", "A", "B", "figures"} of the truncated SVD of `delta` (see the module docstring)."""
-    import torch
-
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     power = s.square()
     total = float(power.sum())
@@ -172,8 +174,8 @@ def factor(delta: Any, rank: int | None, energy: float | None) -> dict:
 
 
 def _val_losses(
-    base_target: Any,
-    tuned_target: Any,
+    base_target: Target,
+    tuned_target: Target,
     adapter_dir: Path,
     tokenizer: Any,
     data: str | None,
@@ -181,12 +183,6 @@ def _val_losses(
     n: int | None,
 ) -> dict:
     """Val loss of base, base + extracted adapter (as saved) and the full fine-tune, one model at a time."""
-    from ftkit.commands.eval import load_eval_set
-    from ftkit.errors import DataError
-    from ftkit.models.target import attach_adapter, device_type, load_model
-    from ftkit.tasks.causal_lm import full_logits_sft
-    from ftkit.tasks.objective import evaluate
-
     if data is None and tuned_target.recipe is None:
         return {"val_data": None, "val_note": "pass --data to measure val losses"}
     try:
@@ -213,14 +209,18 @@ def _val_losses(
 
 
 def summary_lines(report: dict) -> str:
-    """The human summary on stderr: per-layer rank and energy, then the val losses."""
-    lines = [f"extracted {len(report['layers'])} linear layers → {report['out']} (adapter r {report['adapter_r']})"]
+    """The human summary: a table of each layer's rank and retained energy (and of the tensors not
+    captured), then the val losses and the wall time."""
+    layers = _table(("module", "r", "retained energy"))
     for layer in report["layers"]:
-        lines.append(f"  {layer['module']:<40} r {layer['r']:>4}  energy {layer['retained_energy']:.4f}")
-    for other in report.get("not_captured", []):
-        lines.append(
-            f"  not captured: {other['tensor']} (changed {other['relative_change']:.2%}; --keep-other saves it)"
-        )
+        layers.add_row(Text(layer["module"]), str(layer["r"]), f"{layer['retained_energy']:.4f}")
+    lines = [f"extracted {len(report['layers'])} linear layers → {report['out']} (adapter r {report['adapter_r']})"]
+    lines.append(_render(layers))
+    if report.get("not_captured"):
+        others = _table(("not captured (--keep-other saves it)", "changed"))
+        for other in report["not_captured"]:
+            others.add_row(Text(other["tensor"]), f"{other['relative_change']:.2%}")
+        lines.append(_render(others))
     if report.get("val_data"):
         lines.append(
             f"val loss on {report['val_data']}: base {report['val_loss_base']:.4f} · base + extracted "
@@ -231,3 +231,19 @@ def summary_lines(report: dict) -> str:
 
 def print_summary(report: dict) -> None:
     sys.stderr.write(summary_lines(report))
+
+
+def _table(columns: tuple[str, ...]) -> Table:
+    """A plain table: no box, no colour; figures right-aligned. Cells are Text: a name's brackets are not markup."""
+    table = Table(*columns, box=None, pad_edge=False, header_style=None)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    return table
+
+
+def _render(table: Table) -> str:
+    """`table` as plain text indented under its heading, one line per row however wide (a log is read by
+    people and grep alike)."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=10_000, color_system=None, force_terminal=False, highlight=False).print(table)
+    return "\n".join("  " + line.rstrip() for line in buffer.getvalue().splitlines())

@@ -55,9 +55,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, publish
-from ftkit.models.target import Target
+from ftkit.models import hf_files
+from ftkit.models.load import resolve_dtype
+from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer
 from ftkit.tasks import TASKS, Task
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
@@ -111,9 +118,6 @@ def merge_adapter(
     val_loss_tolerance: float = TRAINED_VAL_LOSS_TOLERANCE,
 ) -> dict:
     """Merge, verify, publish; return the report (also in OUT/merge_report.json). See the module docstring."""
-    from ftkit.models.load import resolve_dtype
-    from ftkit.models.target import device_type, load_tokenizer
-
     started = time.perf_counter()
     out = Path(out)
     quantized_run = target.model_cfg.quantization is not None
@@ -194,9 +198,9 @@ def _check_mergeable(target: Target, from_quantized: bool) -> None:
             f"{target.spec}: nothing to merge: {what}, so {target.weights} is already a standalone model "
             "(AutoModelForCausalLM.from_pretrained loads it); merge adapters, or use `ftkit merge --config` for models"
         )
-    config = _adapter_config(Path(target.weights))
-    if config.get("peft_type") in {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT", "CPT"}:
-        raise ModelError(f"{target.weights}: a {config['peft_type']} adapter adds tokens, it has no weights to merge")
+    kind = hf_files.peft_type(hf_files.adapter_config(Path(target.weights)))
+    if kind in {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT", "CPT"}:
+        raise ModelError(f"{target.weights}: a {kind} adapter adds tokens, it has no weights to merge")
     if from_quantized and target.model_cfg.quantization is None:
         raise ModelError("--from-quantized: the base of this adapter is not 4-bit; drop the flag")
 
@@ -206,18 +210,19 @@ def streaming_unsupported(target: Target, tokenizer: Any) -> str | None:
     if target.task == "classification":
         return "a classifier's head is built on load (its base is a language-model checkpoint), so it merges in memory"
     base = Path(target.base or "")
-    if not base.is_dir() or not (_shard_files(base)):
+    if not base.is_dir() or not hf_files.has_weights(base):
         return f"the base {target.base} is not a local directory of safetensors shards"
-    config = _adapter_config(Path(target.weights))
-    if config.get("peft_type") != "LORA":
-        return f"only plain LoRA streams ({config.get('peft_type')} merges in memory)"
+    config = hf_files.adapter_config(Path(target.weights))
+    kind = hf_files.peft_type(config)
+    if kind != "LORA":
+        return f"only plain LoRA streams ({kind} merges in memory)"
     for key, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
-        if config.get(key):
+        if getattr(config, key, None):
             return f"{what} merges in memory only"
-    if config.get("target_parameters") or config.get("trainable_token_indices"):
+    if getattr(config, "target_parameters", None) or getattr(config, "trainable_token_indices", None):
         return "target_parameters / trainable_token_indices merge in memory only"
-    base_config = json.loads((base / "config.json").read_text())
-    if len(tokenizer) > int(base_config.get("vocab_size", len(tokenizer))):
+    vocab_size = getattr(hf_files.model_config(base), "vocab_size", None)
+    if len(tokenizer) > int(vocab_size or len(tokenizer)):
         return "the tokenizer has more tokens than the base's embeddings (they are resized in memory)"
     return None
 
@@ -273,8 +278,6 @@ def _scores_of(load: Any, examples: list[Any], tokenizer: Any, task: Task) -> Sc
 
 
 def _load_as_trained(target: Target, tokenizer: Any) -> Any:
-    from ftkit.models.target import load_model
-
     return load_model(target, tokenizer)
 
 
@@ -289,10 +292,6 @@ def _merge_in_memory(
     task: Task,
 ) -> tuple[Scores, Scores]:
     """peft's merge_and_unload on the merge target; returns (base, base + adapter unmerged) scores."""
-    import torch
-
-    from ftkit.models.target import attach_adapter, load_model
-
     if from_quantized:
         model = load_model(target, tokenizer, base_only=True).dequantize(dtype=getattr(torch, dtype))
     else:
@@ -312,17 +311,11 @@ def _merge_in_memory(
 def _load_plain(path: Path, dtype: str, budget: int | None, offload: Path) -> Any:
     """A model directory as a user loads it (AutoModelForCausalLM, or AutoModelForSequenceClassification
     for a classifier), with layers offloaded to disk beyond `budget`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from ftkit.models.target import device_type
-
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if budget is not None:
         offload.mkdir(parents=True, exist_ok=True)
         kwargs |= {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(offload)}
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    is_classifier = hf_files.is_classifier_architecture(hf_files.architectures(path))
     model = (AutoModelForSequenceClassification if is_classifier else AutoModelForCausalLM).from_pretrained(
         path, **kwargs
     )
@@ -354,9 +347,6 @@ def _reference_streamed(
 @contextlib.contextmanager
 def lora_hooks(model: Any, adapter_dir: Path) -> Iterator[None]:
     """Apply a plain LoRA adapter to `model` through forward hooks (see `_reference_streamed`)."""
-    import torch
-    import torch.nn.functional as F
-
     deltas, whole = read_lora(adapter_dir)
     handles = []
     try:
@@ -399,11 +389,8 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], dic
     s = alpha / r, or alpha / √r with use_rslora; r and alpha follow rank_pattern / alpha_pattern
     (matched as peft does: the pattern is the module name or a dotted suffix of it).
     """
-    import torch
-    from safetensors.torch import load_file
-
-    config = _adapter_config(adapter_dir)
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    config = hf_files.adapter_config(adapter_dir)
+    tensors = hf_files.load_tensors(adapter_dir)
     prefix = "base_model.model."
     pairs: dict[str, dict[str, Any]] = {}
     whole: dict[str, Any] = {}
@@ -416,9 +403,9 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any, float]], dic
             whole[name] = tensor
     deltas = {}
     for module, pair in pairs.items():
-        r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        r = int(_pattern_value(config.rank_pattern or {}, module, config.r))
+        alpha = float(_pattern_value(config.alpha_pattern or {}, module, config.lora_alpha))
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         deltas[module] = (pair["A"], pair["B"], scale)
     return deltas, whole
 
@@ -443,95 +430,36 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out: Path, dtype: str, max_s
 
     Memory: one base tensor, its delta, and the output shard being filled, plus the adapter.
     """
-    import torch
-    from safetensors import safe_open
-
     deltas, whole = read_lora(adapter_dir)
     wanted = {f"{module}.weight" for module in deltas} | set(whole)
     target_dtype = getattr(torch, dtype)
-    writer = ShardWriter(out, max_shard_size)
+    base = hf_files.Weights(base_dir)
     seen: set[str] = set()
-    for file in _shard_files(base_dir):
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                tensor = reader.get_tensor(name)
-                module = name.removesuffix(".weight")
-                if name in whole:
-                    if whole[name].shape != tensor.shape:
-                        raise ModelError(
-                            f"{adapter_dir}: {name} has shape {tuple(whole[name].shape)}, "
-                            f"the base's is {tuple(tensor.shape)}"
-                        )
-                    tensor = whole[name]
-                elif name.endswith(".weight") and module in deltas:
-                    a, b, scale = deltas[module]
-                    tensor = tensor.to(torch.float32) + scale * (b @ a)
-                writer.add(name, tensor.to(target_dtype))
-                seen.add(name)
+
+    def merged() -> Iterator[tuple[str, Any]]:
+        for name in base.names:
+            tensor = base.get(name)
+            module = name.removesuffix(".weight")
+            if name in whole:
+                if whole[name].shape != tensor.shape:
+                    raise ModelError(
+                        f"{adapter_dir}: {name} has shape {tuple(whole[name].shape)}, "
+                        f"the base's is {tuple(tensor.shape)}"
+                    )
+                tensor = whole[name]
+            elif name.endswith(".weight") and module in deltas:
+                a, b, scale = deltas[module]
+                tensor = tensor.to(torch.float32) + scale * (b @ a)
+            seen.add(name)
+            yield name, tensor.to(target_dtype)
+
+    layout = {name: base.meta(name).to(target_dtype) for name in base.names}
+    files = hf_files.save_sharded(layout, out, max_shard_size, tensors=merged())
     missing = sorted(wanted - seen)
     if missing:
         raise ModelError(f"{adapter_dir}: the adapter changes {missing[0]}, which the base {base_dir} does not have")
-    files = writer.close()
-    write_model_config(base_dir, out, dtype)
+    hf_files.copy_model_config(base_dir, out, dtype)
     return files
-
-
-class ShardWriter:
-    """Tensors → safetensors shards of at most `max_shard_size` bytes, named as transformers names them
-    (`model.safetensors`, or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`).
-
-    Holds one shard in memory at a time.
-    """
-
-    def __init__(self, out: Path, max_shard_size: int):
-        out.mkdir(parents=True, exist_ok=True)
-        self.out, self.max_shard_size = out, max_shard_size
-        self.shard: dict[str, Any] = {}
-        self.shard_bytes = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.total_size = 0
-
-    def add(self, name: str, tensor: Any) -> None:
-        tensor = tensor.contiguous()
-        if self.shard and self.shard_bytes + tensor.nbytes > self.max_shard_size:
-            self._flush()
-        self.shard[name] = tensor
-        self.shard_bytes += tensor.nbytes
-        self.total_size += tensor.nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.out / f"part-{len(self.parts) + 1:05d}.safetensors"
-        save_file(self.shard, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.shard)))
-        self.shard, self.shard_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        if self.shard or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            return [self.parts[0][0].rename(self.out / "model.safetensors")]
-        files, weight_map = [], {}
-        for i, (part, names) in enumerate(self.parts, start=1):
-            final = part.rename(self.out / f"model-{i:05d}-of-{len(self.parts):05d}.safetensors")
-            weight_map |= dict.fromkeys(names, final.name)
-            files.append(final)
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return files
-
-
-def write_model_config(source_dir: Path, out: Path, dtype: str, **updates: Any) -> None:
-    """config.json of `source_dir` with the new dtype (and `updates`), and its generation config, into `out`."""
-    config = json.loads((source_dir / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = dtype
-    config.pop("torch_dtype", None)
-    config |= updates
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (source_dir / "generation_config.json").is_file():
-        shutil.copy2(source_dir / "generation_config.json", out / "generation_config.json")
 
 
 # ---------------------------------------------------------------- report and publishing
@@ -612,13 +540,7 @@ def _failures(report: dict) -> list[str]:
 
 
 def _lora_keys(directory: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys = []
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as reader:
-            keys += [k for k in reader.keys() if "lora_" in k]  # noqa: SIM118
-    return keys
+    return [name for name in hf_files.tensor_names(directory) if "lora_" in name]
 
 
 def summary_line(report: dict) -> str:
@@ -638,32 +560,13 @@ def summary_line(report: dict) -> str:
 # ---------------------------------------------------------------- small helpers
 
 
-def _adapter_config(adapter_dir: Path) -> dict:
-    return json.loads((adapter_dir / "adapter_config.json").read_text())
-
-
-def _shard_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
-    single = model_dir / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
 def _estimate_bytes(target: Target, dtype: str) -> int | None:
     """Parameters of the base (from its safetensors headers) × bytes per parameter in `dtype`."""
-    from safetensors import safe_open
-
     base = Path(target.base or "")
-    files = _shard_files(base) if base.is_dir() else []
-    if not files:
+    if not base.is_dir() or not hf_files.has_weights(base):
         return None
-    count = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            count += sum(math.prod(reader.get_slice(k).get_shape()) for k in reader.keys())  # noqa: SIM118
-    return count * _dtype_bytes(dtype)
+    weights = hf_files.Weights(base)
+    return sum(math.prod(weights.shape(name)) for name in weights.names) * _dtype_bytes(dtype)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -675,14 +578,12 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 def _available_ram() -> int:
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
 def _peak_rss() -> int | None:
     try:
-        import resource
+        import resource  # Unix only: absent on Windows, where the figure is None
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     except (ImportError, OSError):

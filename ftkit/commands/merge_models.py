@@ -42,17 +42,31 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+from peft import PeftModel
+from peft.utils import merge_utils
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from transformers import AutoTokenizer
 
+from ftkit.commands.merge import REPORT_FILE
 from ftkit.errors import FtkitError, ModelError, RecipeError
+from ftkit.io import check_out, publish
+from ftkit.models import hf_files
+from ftkit.models.hf_files import Weights, check_same_architecture
+from ftkit.models.target import load_model, load_tokenizer, resolve_target, same_model
+from ftkit.recipe.diagnostics import problems_from_validation
+from ftkit.recipe.sources import Problem, SourceMap, describe_value, format_path
+from ftkit.recipe.yaml_loader import YamlError, dump_yaml, load_yaml
 
 TENSOR_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 TASK_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 #: |cos Ω| above this and the two tensors are (anti)parallel: slerp's sin Ω → 0, so interpolate linearly
 SLERP_PARALLEL = 0.9995
+CONFIG_FILE = "merge_config.yaml"
 _LAYER_KEY = re.compile(r"^(.*\.layers)\.(\d+)\.(.+)$")
 
 
@@ -113,10 +127,6 @@ class MergeConfig(_Section):
 
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge config; RecipeError listing every problem as `file:line: key: problem`."""
-    from ftkit.recipe.diagnostics import problems_from_validation
-    from ftkit.recipe.sources import Problem, SourceMap, describe_value, format_path
-    from ftkit.recipe.yaml_loader import YamlError, load_yaml
-
     source = str(path)
     try:
         loaded = load_yaml(Path(path).read_text(encoding="utf-8"))
@@ -195,9 +205,6 @@ def merge_tensors(config: MergeConfig, tensors: list[Any], base: Any | None = No
     See the module docstring for each formula. Non-floating tensors (integer buffers) are taken
     from the base, or the first model, unchanged.
     """
-    import torch
-    from peft.utils import merge_utils
-
     first = tensors[0]
     if not first.is_floating_point():
         return (base if base is not None else first).clone()
@@ -224,8 +231,6 @@ def merge_tensors(config: MergeConfig, tensors: list[Any], base: Any | None = No
 
 def slerp(t: float, v0: Any, v1: Any) -> Any:
     """Spherical interpolation between two tensors treated as flat vectors (formula in the module docstring)."""
-    import torch
-
     a, b = v0.flatten(), v1.flatten()
     norm_a, norm_b = a.norm(), b.norm()
     if norm_a == 0 or norm_b == 0:
@@ -243,8 +248,6 @@ def slerp(t: float, v0: Any, v1: Any) -> Any:
 
 def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Merge as `config` says into `out` (staged, then renamed); return {"summary": ...}."""
-    from ftkit.io import check_out
-
     out = Path(out)
     inputs = [m.model for m in config.models] + [s.model for s in config.slices] + [config.base]
     check_out(out, overwrite, [("input", path) for path in inputs])
@@ -258,13 +261,9 @@ def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = Fal
             summary = passthrough(config, staging)
         else:
             summary = merge_models(config, staging)
-        from ftkit.recipe.yaml_loader import dump_yaml
-
-        (staging / "merge_config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
+        (staging / CONFIG_FILE).write_text(dump_yaml(config.model_dump(mode="json")))
         summary |= {"method": config.method, "out": str(out), "wall_s": time.perf_counter() - started}
-        (staging / "merge_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from ftkit.io import publish
-
+        (staging / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -273,9 +272,6 @@ def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = Fal
 
 def model_dir(spec: str, key: str) -> Path:
     """The weights directory of a model input: a run's final/ or a model directory; never an adapter."""
-    from ftkit.commands.merge import _shard_files
-    from ftkit.models.target import resolve_target
-
     try:
         target = resolve_target(spec)
     except FtkitError as err:
@@ -286,85 +282,43 @@ def model_dir(spec: str, key: str) -> Path:
             "or combine adapters with method: adapters"
         )
     path = Path(target.weights)
-    if not path.is_dir() or not _shard_files(path):
+    if not path.is_dir() or not hf_files.has_weights(path):
         raise ModelError(f"{key}: {spec} has no safetensors weights here; give a local model or run directory")
     return path
 
 
-class _Tensors:
-    """Lazy access to one model's tensors across its shards (one tensor in memory at a time)."""
-
-    def __init__(self, path: Path, key: str):
-        from safetensors import safe_open
-
-        from ftkit.commands.merge import _shard_files
-
-        self.path, self.key = path, key
-        self.config = json.loads((path / "config.json").read_text())
-        self._readers = [safe_open(str(f), framework="pt") for f in _shard_files(path)]
-        self.where = {name: reader for reader in self._readers for name in reader.keys()}  # noqa: SIM118
-        self.names = list(self.where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.where[name].get_slice(name).get_shape())
-
-    def get(self, name: str) -> Any:
-        return self.where[name].get_tensor(name)
-
-
-def check_same_architecture(reference: _Tensors, other: _Tensors, layers_only: bool = False) -> None:
-    """ModelError naming the first difference in model_type, tensor names or shapes."""
-    ref_type, other_type = reference.config.get("model_type"), other.config.get("model_type")
-    if ref_type != other_type:
-        raise ModelError(
-            f"{other.key}: {other.path} is a {other_type} model, {reference.key} ({reference.path}) a {ref_type}; "
-            "only models of one architecture merge"
-        )
-    if layers_only:
-        return
-    missing = sorted(set(reference.names) ^ set(other.names))
-    if missing:
-        side = reference if missing[0] in reference.names else other
-        raise ModelError(
-            f"{other.key}: the architectures differ: {missing[0]} is only in {side.key} ({side.path}); "
-            "only models of one architecture merge"
-        )
-    for name in reference.names:
-        if reference.shape(name) != other.shape(name):
-            raise ModelError(
-                f"{other.key}: the architectures differ: {name} has shape {other.shape(name)} in {other.path} "
-                f"but {reference.shape(name)} in {reference.path}"
-            )
+def open_model(spec: str, key: str, label: str) -> Weights:
+    """A model input's weights (read lazily), named `label` in messages."""
+    return Weights(model_dir(spec, key), label)
 
 
 def merge_models(config: MergeConfig, out: Path) -> dict:
     """Tensor-wise merge of whole models (linear, task_arithmetic, ties, dare_*, slerp)."""
-    import torch
-
-    from ftkit.commands.merge import ShardWriter, write_model_config
-
-    models = [_Tensors(model_dir(m.model, f"models[{i}].model"), f"models[{i}]") for i, m in enumerate(config.models)]
-    base = _Tensors(model_dir(config.base, "base"), "base") if config.base else None
+    models = [open_model(m.model, f"models[{i}].model", f"models[{i}]") for i, m in enumerate(config.models)]
+    base = open_model(config.base, "base", "base") if config.base else None
     reference = base or models[0]
     for other in models:
         if other is not reference:
             check_same_architecture(reference, other)
-    writer = ShardWriter(out, config.max_shard_size)
     dtype = getattr(torch, config.dtype)
     non_finite = []
+
+    def merged() -> Iterator[tuple[str, Any]]:
+        for name in reference.names:
+            tensor = merge_tensors(config, [m.get(name) for m in models], base.get(name) if base else None)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                non_finite.append(name)
+            yield name, _cast(tensor, dtype)
+
+    layout = {name: _cast(reference.meta(name), dtype) for name in reference.names}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # dare's Bernoulli masks, drawn tensor by tensor in file order
-        for name in reference.names:
-            merged = merge_tensors(config, [m.get(name) for m in models], base.get(name) if base else None)
-            if merged.is_floating_point() and not torch.isfinite(merged).all():
-                non_finite.append(name)
-            writer.add(name, merged.to(dtype) if merged.is_floating_point() else merged)
+        files = hf_files.save_sharded(layout, out, config.max_shard_size, tensors=merged())
     if non_finite:
         raise FtkitError(
             f"the merge produced NaN/inf in {non_finite[0]} ({len(non_finite)} tensors); check the weights"
         )
-    files = writer.close()
-    write_model_config(reference.path, out, config.dtype)
+    hf_files.copy_model_config(reference.path, out, config.dtype)
     _copy_tokenizer(reference.path, out)
     return {"models": [str(m.path) for m in models], "base": str(base.path) if base else None,
             "tensors": len(reference.names), "files": [f.name for f in files]}  # fmt: skip
@@ -372,39 +326,35 @@ def merge_models(config: MergeConfig, out: Path) -> dict:
 
 def passthrough(config: MergeConfig, out: Path) -> dict:
     """Stack the layer slices into one deeper (or shallower) model; the rest comes from `base` or slice 0."""
-    import torch
-
-    from ftkit.commands.merge import ShardWriter, write_model_config
-
-    pieces = [_Tensors(model_dir(s.model, f"slices[{i}].model"), f"slices[{i}]") for i, s in enumerate(config.slices)]
-    frame = _Tensors(model_dir(config.base, "base"), "base") if config.base else pieces[0]
+    pieces = [open_model(s.model, f"slices[{i}].model", f"slices[{i}]") for i, s in enumerate(config.slices)]
+    frame = open_model(config.base, "base", "base") if config.base else pieces[0]
     for piece in pieces:
         if piece is not frame:
             check_same_architecture(frame, piece, layers_only=True)
-    writer = ShardWriter(out, config.max_shard_size)
-    dtype = getattr(torch, config.dtype)
-    for name in frame.names:
-        if not _LAYER_KEY.match(name):
-            writer.add(name, _cast(frame.get(name), dtype))
+    # (output name, source model, source name): the frame's non-layer tensors, then each slice's layers
+    sources = [(name, frame, name) for name in frame.names if not _LAYER_KEY.match(name)]
     index, layer_types = 0, []
     for i, (spec, piece) in enumerate(zip(config.slices, pieces, strict=True)):
         start, end = spec.layers
-        n_layers = int(piece.config.get("num_hidden_layers", 0))
+        n_layers = int(getattr(piece.config, "num_hidden_layers", 0) or 0)
         if end > n_layers:
             raise ModelError(f"slices[{i}].layers: [{start}, {end}] goes past the {n_layers} layers of {piece.path}")
-        types = piece.config.get("layer_types")
+        types = getattr(piece.config, "layer_types", None)
         for layer in range(start, end):
             prefix_names = [(m, n) for n in piece.names if (m := _LAYER_KEY.match(n)) and int(m.group(2)) == layer]
             for match, name in prefix_names:
-                writer.add(f"{match.group(1)}.{index}.{match.group(3)}", _cast(piece.get(name), dtype))
+                sources.append((f"{match.group(1)}.{index}.{match.group(3)}", piece, name))
             if isinstance(types, list):
                 layer_types.append(types[layer])
             index += 1
-    files = writer.close()
+    dtype = getattr(torch, config.dtype)
+    layout = {out_name: _cast(model.meta(name), dtype) for out_name, model, name in sources}
+    tensors = ((out_name, _cast(model.get(name), dtype)) for out_name, model, name in sources)
+    files = hf_files.save_sharded(layout, out, config.max_shard_size, tensors=tensors)
     updates: dict[str, Any] = {"num_hidden_layers": index}
     if layer_types:
         updates["layer_types"] = layer_types
-    write_model_config(frame.path, out, config.dtype, **updates)
+    hf_files.copy_model_config(frame.path, out, config.dtype, **updates)
     _copy_tokenizer(frame.path, out)
     return {"slices": [[str(p.path), *s.layers] for p, s in zip(pieces, config.slices, strict=True)],
             "num_hidden_layers": index, "files": [f.name for f in files]}  # fmt: skip
@@ -416,9 +366,7 @@ def _cast(tensor: Any, dtype: Any) -> Any:
 
 def _copy_tokenizer(source: Path, out: Path) -> None:
     """The tokenizer of the source model, saved as transformers writes it (when the source has one)."""
-    from transformers import AutoTokenizer
-
-    if (source / "tokenizer_config.json").is_file():
+    if hf_files.has_tokenizer(source):
         AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
@@ -432,11 +380,6 @@ def combine_adapters(config: MergeConfig, out: Path) -> dict:
     The result is checked: loaded back with PeftModel.from_pretrained, its logits equal those
     of the combined adapter in memory (max |Δ| ≤ 1e-5 in float32).
     """
-    import torch
-    from peft import PeftModel
-
-    from ftkit.models.target import load_model, load_tokenizer, resolve_target, same_model
-
     targets = []
     for i, entry in enumerate(config.models):
         target = resolve_target(entry.model, base=config.base)
@@ -478,9 +421,7 @@ def combine_adapters(config: MergeConfig, out: Path) -> dict:
         expected = model(input_ids=probe).logits
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = first.base
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    hf_files.point_adapter_to(out, first.base)
     reloaded = PeftModel.from_pretrained(model.unload(), out).eval()
     with torch.no_grad():
         diff = float((reloaded(input_ids=probe).logits - expected).abs().max())
@@ -489,4 +430,4 @@ def combine_adapters(config: MergeConfig, out: Path) -> dict:
             f"the combined adapter does not load back as computed (max |Δ logit| {diff:.2e}); nothing written"
         )
     return {"adapters": [t.weights for t in targets], "base": first.base, "combination": config.combination,
-            "r": adapter_config.get("r"), "reload_max_abs_logit_diff": diff}  # fmt: skip
+            "r": getattr(hf_files.adapter_config(out), "r", None), "reload_max_abs_logit_diff": diff}  # fmt: skip

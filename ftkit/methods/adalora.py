@@ -34,6 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
@@ -41,8 +44,6 @@ from ftkit.recipe.methods import AdaloraConfig
 
 
 def apply(model: Any, config: AdaloraConfig, run: RunInfo) -> Any:
-    import peft
-
     total = run.total_steps
     if total is None:
         raise ModelError("method.name: adalora needs the run's total steps for its budget schedule")
@@ -111,8 +112,6 @@ class Allocation:
 
     def state(self) -> dict[str, Any]:
         """`{"<score>/<param name>": tensor, "rank_pattern/<lora_E name>": bool mask}`."""
-        import torch
-
         allocator = self.tuner.rankallocator
         tensors = {f"{kind}/{name}": value for kind in _SCORES for name, value in getattr(allocator, kind).items()}
         pattern = self.pattern or {}
@@ -141,8 +140,6 @@ _SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 def orthogonality_penalty(model: Any, weight: float) -> Any:
     """weight · mean over P and Q matrices of ‖QQᵀ − I‖_F or ‖PᵀP − I‖_F (peft's AdaLoraModel.forward term)."""
-    import torch
-
     terms = []
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from peft import get_peft_model
+
 from ftkit.errors import ModelError
 
 #: module names of a classifier's head; peft's SEQ_CLS wrapper trains and saves these (`modules_to_save`)
@@ -31,8 +34,6 @@ def task_type(model: Any) -> str:
 
 def linear_module_names(model: Any) -> list[str]:
     """Leaf names of the model's linear layers (16/32-bit or bitsandbytes 4/8-bit)."""
-    import torch
-
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
@@ -75,8 +76,6 @@ def wrap(model: Any, peft_config: Any, method: str) -> Any:
     Its other job, making inputs require grad for reentrant checkpointing, is moot: ftkit
     checkpoints non-reentrantly (ftkit.models.load.build_model).
     """
-    from peft import get_peft_model
-
     if is_quantized(model):
         model.requires_grad_(False)
     try:

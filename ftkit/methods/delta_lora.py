@@ -43,13 +43,16 @@ and updates W after iteration t when t > K_paper, i.e. first after optimizer ste
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
 
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
+from ftkit.models import hf_files
 from ftkit.recipe.methods import DeltaLoraConfig
 
 ADAPTER = "default"
@@ -66,9 +69,6 @@ def apply(model: Any, config: DeltaLoraConfig, run: RunInfo) -> Any:
 
 def adapted_layers(model: Any) -> dict[str, Any]:
     """{module name: peft LoRA layer} of every layer with a linear LoRA pair."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
     return {
         name: module
         for name, module in model.named_modules()
@@ -98,8 +98,6 @@ class DeltaTerm:
         def add_delta(module: Any, args: tuple, output: Any) -> Any:
             if self.snapshot is None or module.disable_adapters or ADAPTER not in module.active_adapters:
                 return output
-            import torch
-
             a_live, b_live = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
             a_k, b_k = self.snapshot[name]
             # one rank-2r product: [sg(B), −B_K] [sg(A); A_K] x = (sg(B A) − B_K A_K) x
@@ -144,25 +142,20 @@ class DeltaTerm:
 
     def save_final(self, model: Any, out_dir: Path) -> None:
         """final/ as the plain rank-2r LoRA of the module docstring (scale s' = s)."""
-        import torch
-        from safetensors.torch import load_file, save_file
-
         model.save_pretrained(out_dir, safe_serialization=True)
         if self.snapshot is None:  # the run ended before step K: W never moved, the adapter is the model
             return
-        weights_file = out_dir / "adapter_model.safetensors"
-        weights = load_file(weights_file)
+        weights = hf_files.load_tensors(out_dir)
         for name, (a_k, b_k) in self.snapshot.items():
             key_a, key_b = _saved_key(name, "lora_A"), _saved_key(name, "lora_B")
             a_t, b_t = weights[key_a], weights[key_b]
-            weights[key_a] = torch.cat([a_t, a_k.to(a_t)]).contiguous()
-            weights[key_b] = torch.cat([(1 + self.ratio) * b_t, -self.ratio * b_k.to(b_t)], dim=1).contiguous()
-        save_file(weights, weights_file, metadata={"format": "pt"})
-        config_file = out_dir / "adapter_config.json"
-        peft_config = json.loads(config_file.read_text())
-        peft_config["r"] *= 2
-        peft_config["lora_alpha"] *= 2  # s' = 2·alpha / 2r = s
-        config_file.write_text(json.dumps(peft_config, indent=2) + "\n")
+            weights[key_a] = torch.cat([a_t, a_k.to(a_t)])
+            weights[key_b] = torch.cat([(1 + self.ratio) * b_t, -self.ratio * b_k.to(b_t)], dim=1)
+        hf_files.save_adapter_weights(out_dir, weights)
+        peft_config = hf_files.adapter_config(out_dir)
+        peft_config.r *= 2
+        peft_config.lora_alpha *= 2  # s' = 2·alpha / 2r = s
+        peft_config.save_pretrained(str(out_dir))
 
 
 def _saved_key(module_name: str, factor: str) -> str:

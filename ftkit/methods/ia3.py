@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import peft
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import Ia3Config
@@ -19,13 +23,6 @@ from ftkit.recipe.methods import Ia3Config
 
 def model_problems(config: Ia3Config, model_config: Any) -> list[str]:
     """With target_modules or feedforward_modules null, peft must know the architecture's choice."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-    )
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
-    )
-
     kind = getattr(model_config, "model_type", None)
     problems = []
     for key, given, known in (
@@ -41,8 +38,6 @@ def model_problems(config: Ia3Config, model_config: Any) -> list[str]:
 
 
 def apply(model: Any, config: Ia3Config, run: RunInfo) -> Any:
-    import peft
-
     check_target_modules(model, config.target_modules)
     check_target_modules(model, config.feedforward_modules, key="method.feedforward_modules")
     peft_config = peft.IA3Config(

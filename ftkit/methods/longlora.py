@@ -47,6 +47,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
@@ -137,9 +143,6 @@ def hooks(model: Any, config: LongloraConfig, run: RunInfo) -> MethodHooks:
 def register_attention(group_size: int) -> str:
     """Register S²-Attn with groups of `group_size` in transformers' AttentionInterface (and sdpa's
     mask in its AttentionMaskInterface, under the same name); return the name."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     if group_size < 2 or group_size % 2:
         raise ValueError(f"S²-Attn group size must be even and at least 2, got {group_size}")
     name = f"{ATTN_PREFIX}{group_size}"
@@ -171,9 +174,6 @@ def shifted_sparse_attention(
     Returns (B, T, H, D), as every AttentionInterface function does. Rows of at most `group_size`
     tokens, and calls with a KV cache (keys longer than queries), get full attention.
     """
-    import torch
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     q_len = query.shape[2]
     if not module.training or q_len <= group_size or key.shape[2] != q_len:
         return sdpa_attention_forward(
@@ -222,9 +222,6 @@ def grouped_attention(
     (partial) one each go to sdpa with `is_causal`, which lets it pick its fused kernels that never
     hold the G × G scores (same result, less memory).
     """
-    import torch
-    import torch.nn.functional as F
-
     if attention_mask is None:
         return _causal_groups(query, key, value, group_size, shift, dropout, scaling)
     batch, heads, length, dim = query.shape
@@ -257,9 +254,6 @@ def _causal_groups(query: Any, key: Any, value: Any, group_size: int, shift: int
     """`grouped_attention` without a mask: causal sdpa on the first group (G − shift positions), on
     the full groups after it (one batch), and on the remainder. Key/value may have fewer heads than
     the query (GQA: sdpa's `enable_gqa` shares each among its query heads)."""
-    import torch
-    import torch.nn.functional as F
-
     batch, heads, length, dim = query.shape
 
     gqa = key.shape[1] != heads

@@ -31,6 +31,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+from peft import replace_lora_weights_loftq
+
 from ftkit.errors import ModelError
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
@@ -44,8 +48,6 @@ MUTATING_INITS = ("pissa", "olora")
 
 def peft_config(config: LoraConfig, model: Any, **extra: Any) -> Any:
     """The peft `LoraConfig` for a LoRA-family recipe section; `extra`: more peft.LoraConfig arguments."""
-    import peft
-
     init = _PEFT_INIT.get(config.init, True)  # loftq starts from the default and is set after
     if config.init == "pissa" and config.init_svd_iters:
         init = f"pissa_niter_{config.init_svd_iters}"
@@ -104,8 +106,6 @@ def _saver_as_plain_lora(model: Any):
 
 
 def _check_loftq_device() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise ModelError(
             "method.init: loftq runs on a CUDA GPU only (peft computes it there: peft/utils/loftq_utils.py); "
@@ -115,8 +115,6 @@ def _check_loftq_device() -> None:
 
 def _init_loftq(model: Any) -> None:
     """Set every LoRA pair to the rank-r SVD fit of W − Q(W), W read from the base's safetensors."""
-    from peft import replace_lora_weights_loftq
-
     source = model.get_base_model().name_or_path
     local = Path(source)
     try:

@@ -38,10 +38,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft.tuners.lora import LoraLayer
+
 from ftkit.errors import ModelError
 from ftkit.methods import lora
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import LoraDropConfig
+from ftkit.recipe.schema import TrainSection
 
 ADAPTER = "default"
 RECORD = "lora_drop.json"
@@ -78,9 +82,6 @@ def _layer_modules(model: Any) -> dict[str, dict[str, Any]]:
 
     The layer is the module path up to its first numeric part (`model.layers.3`); the part after
     it (`.self_attn.q_proj`) says which modules of different layers have one shape and may share."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
     layers: dict[str, dict[str, Any]] = {}
     for name, module in model.get_base_model().named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
@@ -101,9 +102,6 @@ def _sample_size(n_examples: int, fraction: float) -> int:
 def score_layers(model: Any, config: LoraDropConfig, run: RunInfo) -> dict[str, float]:
     """Train the LoRA briefly on a sample, return ĝ per layer (sums to 1), then put every adapter
     back to its initial value."""
-    import torch
-
-    from ftkit.recipe.schema import TrainSection
 
     if run.pad_id is None or run.objective is None or run.build_optimizer is None:
         raise ModelError(

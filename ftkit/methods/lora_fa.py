@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from peft.optimizers import create_lorafa_optimizer
+
 from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import LoraFaConfig
@@ -35,8 +37,6 @@ def hooks(model: Any, config: LoraFaConfig, run: RunInfo) -> MethodHooks:
 
 
 def _projected_gradient_adamw(model: Any, config: LoraFaConfig, train: Any) -> Any:
-    from peft.optimizers import create_lorafa_optimizer
-
     optimizer = create_lorafa_optimizer(
         model, r=config.r, lora_alpha=config.alpha, lr=float(train.lr), weight_decay=train.weight_decay
     )

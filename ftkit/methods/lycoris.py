@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import peft
+
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import LohaConfig, LokrConfig
 
 
 def apply(model: Any, config: LohaConfig | LokrConfig, run: RunInfo) -> Any:
-    import peft
-
     check_target_modules(model, config.target_modules)
     common = dict(
         r=config.r,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import peft
+
 from ftkit.methods.adapters import hidden_size, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
@@ -25,8 +27,6 @@ def apply(model: Any, config: PromptTuningConfig | PrefixTuningConfig | PTuningC
 
 
 def peft_config(config: PromptTuningConfig | PrefixTuningConfig | PTuningConfig, model: Any) -> Any:
-    import peft
-
     common = dict(num_virtual_tokens=config.num_virtual_tokens, task_type=task_type(model))
     if isinstance(config, PromptTuningConfig):
         if config.init == "text":

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import peft
+
 from ftkit.methods.adapters import check_target_modules, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import VeraConfig
 
 
 def apply(model: Any, config: VeraConfig, run: RunInfo) -> Any:
-    import peft
-
     check_target_modules(model, config.target_modules)
     peft_config = peft.VeraConfig(
         r=config.r,

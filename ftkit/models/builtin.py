@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ftkit.errors import ModelError
 
@@ -56,9 +57,6 @@ def _byte_symbols() -> list[str]:
 
 def build_byte_tokenizer() -> Any:
     """A `transformers.PreTrainedTokenizerFast` over raw UTF-8 bytes; see the module docstring for ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # no regex split: with no merges it would change nothing and only cost time

@@ -8,31 +8,38 @@ users work exactly as for a hub model.
 
 from __future__ import annotations
 
-import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
+from transformers.utils import is_flash_attn_2_available
 
 from ftkit.errors import ModelError
+from ftkit.models import hf_files
 from ftkit.models.builtin import builtin_config, is_builtin, label_config, materialize_builtin
+from ftkit.models.hf_files import is_adapter_dir
 from ftkit.recipe.schema import ModelSection
 
 
 def load_model_config(cfg: ModelSection) -> Any:
     """The model's transformers config alone (config.json, no weights): for checks before loading."""
-    from transformers import AutoConfig
-
     if is_builtin(cfg.name):
         return builtin_config(cfg.name)
     local = Path(cfg.name).expanduser()
     if local.is_dir() and is_adapter_dir(local):
         # an adapter (e.g. an SFT run's final/): the model is its base with the adapter merged in
-        base_name = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_name:
-            raise ModelError(f"model.name: {local}/adapter_config.json names no base_model_name_or_path")
-        return load_model_config(cfg.model_copy(update={"name": base_name}))
+        return load_model_config(cfg.model_copy(update={"name": _adapter_base(local)}))
     if local.is_dir():
         _check_remote_code(local, cfg)
     try:
@@ -45,8 +52,6 @@ def load_model_config(cfg: ModelSection) -> Any:
 
 def resolve_dtype(name: str, device_type: str) -> Any:
     """`auto` → bfloat16 on a bf16-capable GPU, float32 elsewhere (CPU matmuls in bf16 are slow)."""
-    import torch
-
     if name == "auto":
         if device_type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -55,10 +60,10 @@ def resolve_dtype(name: str, device_type: str) -> Any:
 
 
 def _check_remote_code(path: Path, cfg: ModelSection) -> None:
-    config_file = path / "config.json"
-    if cfg.trust_remote_code or not config_file.is_file():
+    if cfg.trust_remote_code or not hf_files.is_model_dir(path):
         return
-    if "auto_map" in json.loads(config_file.read_text()):
+    # read raw: AutoConfig would import (run) the code auto_map names
+    if "auto_map" in hf_files.raw_model_config(path):
         raise ModelError(
             f"model.trust_remote_code: {path} ships its own Python code (auto_map in config.json); "
             "set model.trust_remote_code: true only if you trust its authors"
@@ -66,8 +71,6 @@ def _check_remote_code(path: Path, cfg: ModelSection) -> None:
 
 
 def _load_kwargs(cfg: ModelSection, device_type: str) -> dict[str, Any]:
-    import torch
-
     kwargs: dict[str, Any] = {
         "dtype": resolve_dtype(cfg.dtype, device_type),
         "trust_remote_code": cfg.trust_remote_code,
@@ -76,8 +79,6 @@ def _load_kwargs(cfg: ModelSection, device_type: str) -> dict[str, Any]:
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.quantization is not None:
-        from transformers import BitsAndBytesConfig
-
         q = cfg.quantization
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -91,18 +92,19 @@ def _load_kwargs(cfg: ModelSection, device_type: str) -> dict[str, Any]:
     return kwargs
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers while ftkit loads a model (stderr is ftkit's)."""
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
 
+# the old private name, still imported by models/target.py; remove once it imports quiet_transformers
+_quiet_transformers = quiet_transformers
+
+
 def load_tokenizer_only(cfg: ModelSection) -> Any:
     """The tokenizer of a hub or local model, with a pad token distinct from EOS."""
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
+    quiet_transformers()
     local = Path(cfg.name).expanduser()
     if local.is_dir():
         _check_remote_code(local, cfg)
@@ -137,9 +139,7 @@ def build_model(
     config before the weights load; the changed base is then written to `base_dir` and
     returned as the base, so an adapter pointing there reloads the model that trained.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    _quiet_transformers()
+    quiet_transformers()
     source = cfg.name
     if is_adapter_dir(Path(source).expanduser()):
         if labels is not None:
@@ -161,8 +161,6 @@ def build_model(
     check_attention(cfg, device_type)
     kwargs = _load_kwargs(cfg, device_type)
     if cfg.trust_remote_code:
-        import sys
-
         print(f"warning: model.trust_remote_code is true: running code shipped with {source}", file=sys.stderr)
     try:
         if tokenizer is None:
@@ -215,8 +213,6 @@ def check_attention(cfg: ModelSection, device_type: str) -> None:
     """ModelError naming model.attn_implementation when its kernel cannot run here."""
     if cfg.attn_implementation != "flash_attention_2":
         return
-    from transformers.utils import is_flash_attn_2_available
-
     if device_type != "cuda" or not is_flash_attn_2_available():
         raise ModelError(
             "model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
@@ -246,11 +242,6 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
-def is_adapter_dir(path: Path) -> bool:
-    """A PEFT adapter directory (adapter_config.json, no config.json), such as a LoRA run's final/."""
-    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-
-
 def _merge_adapter(
     cfg: ModelSection,
     adapter_dir: Path,
@@ -266,17 +257,12 @@ def _merge_adapter(
     (the new adapter disabled) is that model. The merged weights are saved to `base_dir` (the
     run's base/), which the new adapter's config points to, so it loads without ftkit.
     """
-    from peft import PeftModel
-
     if cfg.quantization is not None:
         raise ModelError(
             f"model.name: {adapter_dir} is an adapter, which cannot be merged into a 4-bit base; "
             "use method.name: lora (16/32-bit base) for this stage"
         )
-    base_name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_name:
-        raise ModelError(f"model.name: {adapter_dir}/adapter_config.json names no base_model_name_or_path")
-    base_cfg = cfg.model_copy(update={"name": base_name})
+    base_cfg = cfg.model_copy(update={"name": _adapter_base(adapter_dir)})
     model, tokenizer, _ = build_model(base_cfg, device_type, seed, None, tokenizer, config_changes=config_changes)
     try:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
@@ -286,6 +272,13 @@ def _merge_adapter(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return model, tokenizer, str(out.resolve())
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    base = hf_files.adapter_base(adapter_dir)
+    if base is None:
+        raise ModelError(f"model.name: {adapter_dir}/{hf_files.ADAPTER_CONFIG} names no base_model_name_or_path")
+    return base
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

@@ -45,3 +45,30 @@ def test_extract_refuses_an_adapter(trained_runs, tmp_path):
     code, out, err = run_cli("extract", "--tuned", str(trained_runs["lora"]), "--out", str(tmp_path / "x"))
     assert code == 2 and out == "" and "already an adapter" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_summary_is_a_table_of_ranks_and_energies():
+    from ftkit.commands.extract import summary_lines
+
+    report = {
+        "out": "adapter",
+        "adapter_r": 4,
+        "layers": [
+            {"module": "model.layers.0.mlp.up_proj", "r": 4, "retained_energy": 0.91234},
+            {"module": "lm_head", "r": 12, "retained_energy": 1.0},
+        ],
+        "not_captured": [{"tensor": "model.norm.weight", "relative_change": 0.0259}],
+        "val_data": "val.jsonl",
+        "val_loss_base": 5.6411,
+        "val_loss_extracted": 3.4912,
+        "val_loss_tuned": 2.9844,
+        "wall_s": 2.74,
+    }
+    lines = summary_lines(report).splitlines()
+    assert lines[0] == "extracted 2 linear layers → adapter (adapter r 4)"
+    assert lines[1].split() == ["module", "r", "retained", "energy"]
+    assert lines[2].split() == ["model.layers.0.mlp.up_proj", "4", "0.9123"]
+    assert lines[3].split() == ["lm_head", "12", "1.0000"]
+    assert lines[5].split() == ["model.norm.weight", "2.59%"]
+    assert lines[6] == "val loss on val.jsonl: base 5.6411 · base + extracted 3.4912 · full fine-tune 2.9844"
+    assert lines[7] == "2.7s"
