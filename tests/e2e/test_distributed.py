@@ -330,10 +330,12 @@ def test_deepspeed_resume_equals_uninterrupted(tmp_path, stage, request):
     if stage == 2:
         assert_identical_runs(straight, resumed)
     else:
-        # ZeRO-3: the same losses at every step, but its gradient reduction after a resume rounds
-        # differently at the last bit (grad norms agree to ~1e-9 relative): weights end ~1e-8 apart
+        # ZeRO-3: its gradient reduction after a resume rounds differently at the last bit (grad norms
+        # agree to ~1e-9 relative), so weights end ~1e-8 apart and the losses after the resume differ
+        # in the 7th digit (measured with deepspeed 0.19.8: 5.5906539 vs 5.5906544, 9e-8 relative):
+        # rel 1e-6 is ten times that and still far below any real change of trajectory.
         (losses_a, vals_a), (losses_b, vals_b) = read_metrics(straight), read_metrics(resumed)
-        assert [r["loss"] for r in losses_b] == [r["loss"] for r in losses_a]
+        assert [r["loss"] for r in losses_b] == pytest.approx([r["loss"] for r in losses_a], rel=1e-6)
         assert [r["val_loss"] for r in vals_b] == pytest.approx([r["val_loss"] for r in vals_a], abs=1e-6)
         wa = load_file(straight / "final" / "adapter_model.safetensors")
         wb = load_file(resumed / "final" / "adapter_model.safetensors")

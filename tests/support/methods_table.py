@@ -163,7 +163,8 @@ METHOD_CASES: dict[str, dict] = {
 # ---- task: classification (tests/classification_data.py: round vs angular shapes), every family once.
 # Each row trains a new `score` head besides its method; 20 steps of batch 8 on micro-llama. The
 # random-init base serves every family here but the prompt methods, which learn only on the pretrained
-# one (measured last-5/first-5 loss: prompt_tuning 0.80 on random init, 0.60 pretrained).
+# one. Prompt tuning learns the head's task slowly through 8 virtual tokens: 40 steps (measured last-5 /
+# first-5 loss 0.82 on the pretrained base with transformers 5.25 / torch 2.13; 20 steps gave 0.91).
 CLASSIFICATION_CASES: dict[str, dict] = {
     "full": {"method": {"name": "full"}, "train": {"lr": 3e-3}},
     "freeze": {"method": {"name": "freeze", "trainable_layers": 1}, "train": {"lr": 3e-3}},
@@ -185,6 +186,6 @@ CLASSIFICATION_CASES: dict[str, dict] = {
     "prompt_tuning": {
         "base": PRETRAINED,
         "method": {"name": "prompt_tuning", "num_virtual_tokens": 8},
-        "train": {"lr": 1e-2},
+        "train": {"lr": 1e-2, "max_steps": 40},
     },
 }
