@@ -55,10 +55,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, publish
 from ftkit.models.target import Target
-from ftkit.tasks import TASKS, Task
+from ftkit.tasks import TASKS, Task, task_of
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
 #: W + sBA vs W x + s B(A x) stays near 1e-6 on small models; 1e-4 leaves room for deep ones.
@@ -228,28 +231,19 @@ def streaming_unsupported(target: Target, tokenizer: Any) -> str | None:
 def verification_examples(
     target: Target, tokenizer: Any, data: str | None, fmt: str | None, n: int
 ) -> tuple[list[Any], str]:
-    """First `n` held-out examples (run val set or --data), else `n` seeded random token sequences."""
-    from ftkit.commands.eval import load_eval_set
-
-    is_classifier = target.task == "classification"
+    """First `n` held-out examples (run val set or --data, as `ftkit eval` reads them), else `n` seeded
+    random token sequences as the target's task's examples."""
     if data is not None or target.recipe is not None:
         try:
-            if is_classifier:
-                from ftkit.commands.classify import load_examples
-
-                examples, label, _ = load_examples(target, tokenizer, data, n)
-                return examples, label
             evalset = load_eval_set(target, tokenizer, data, fmt, n)
             return evalset.examples, evalset.label
         except FtkitError as err:
             if data is not None:
                 raise
             _log(f"note: verifying on random tokens: the run's validation data cannot be used ({err})")
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (n, SYNTHETIC_LENGTH), generator=generator).tolist()
-    examples = TASKS[target.task].synthetic_examples(ids)
+    examples = task_of(target).synthetic_examples(ids)
     return examples, f"{n} random token sequences of length {SYNTHETIC_LENGTH} (seed 0; pass --data for real text)"
 
 
