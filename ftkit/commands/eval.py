@@ -209,13 +209,12 @@ def format_table(result: dict) -> str:
     foot = f"{result['wall_s']:.1f}s on {result['device']}" + (f" · wrote {result['file']}" if "file" in result else "")
     tables = [metrics_table(result)] + ([confusion_table(result["confusion"])] if "confusion" in result else [])
     buffer = io.StringIO()
-    buffer.write(head + "\n")
     # plain text: no colour codes in a log, and labels such as "[neg]" are names, not rich markup
     console = Console(file=buffer, width=200, color_system=None, markup=False, emoji=False, highlight=False)
     for table in tables:
         console.print(table)
-    buffer.write(foot + "\n")
-    return buffer.getvalue()
+    lines = [line.rstrip() for line in buffer.getvalue().splitlines()]  # rich pads the last column
+    return "\n".join([head, *lines, foot]) + "\n"
 
 
 def print_result(result: dict, as_json: bool) -> None:

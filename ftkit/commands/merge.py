@@ -61,7 +61,7 @@ from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, publish
 from ftkit.models.target import Target
-from ftkit.tasks import TASKS, Task, task_of
+from ftkit.tasks import Task, task_of
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
 #: W + sBA vs W x + s B(A x) stays near 1e-6 on small models; 1e-4 leaves room for deep ones.
@@ -126,7 +126,7 @@ def merge_adapter(
     trained_dtype = _dtype_name(resolve_dtype(target.model_cfg.dtype, device_type()))
     tol = MERGE_TOLERANCE[merge_dtype] if tolerance is None else tolerance
     tokenizer = load_tokenizer(target)
-    task = TASKS[target.task]
+    task = task_of(target)
     examples, sample_source = verification_examples(target, tokenizer, data, fmt, samples)
     budget = max_memory or int(0.9 * _available_ram())
     need = _estimate_bytes(target, merge_dtype)
