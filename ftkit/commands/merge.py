@@ -60,12 +60,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, publish
 from ftkit.models import hf_files
 from ftkit.models.load import resolve_dtype
 from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer
-from ftkit.tasks import TASKS, Task
+from ftkit.tasks import Task, task_of
 
 #: max |Δ logit| between the merged model and base + adapter, by merge dtype. float32 rounding of
 #: W + sBA vs W x + s B(A x) stays near 1e-6 on small models; 1e-4 leaves room for deep ones.
@@ -127,7 +128,7 @@ def merge_adapter(
     trained_dtype = _dtype_name(resolve_dtype(target.model_cfg.dtype, device_type()))
     tol = MERGE_TOLERANCE[merge_dtype] if tolerance is None else tolerance
     tokenizer = load_tokenizer(target)
-    task = TASKS[target.task]
+    task = task_of(target)
     examples, sample_source = verification_examples(target, tokenizer, data, fmt, samples)
     budget = max_memory or int(0.9 * _available_ram())
     need = _estimate_bytes(target, merge_dtype)
@@ -207,7 +208,7 @@ def _check_mergeable(target: Target, from_quantized: bool) -> None:
 
 def streaming_unsupported(target: Target, tokenizer: Any) -> str | None:
     """Why this adapter cannot be merged shard by shard (None when it can)."""
-    if target.task == "classification":
+    if target.is_classifier:
         return "a classifier's head is built on load (its base is a language-model checkpoint), so it merges in memory"
     base = Path(target.base or "")
     if not base.is_dir() or not hf_files.has_weights(base):
@@ -233,28 +234,19 @@ def streaming_unsupported(target: Target, tokenizer: Any) -> str | None:
 def verification_examples(
     target: Target, tokenizer: Any, data: str | None, fmt: str | None, n: int
 ) -> tuple[list[Any], str]:
-    """First `n` held-out examples (run val set or --data), else `n` seeded random token sequences."""
-    from ftkit.commands.eval import load_eval_set
-
-    is_classifier = target.task == "classification"
+    """First `n` held-out examples (run val set or --data, as `ftkit eval` reads them), else `n` seeded
+    random token sequences as the target's task's examples."""
     if data is not None or target.recipe is not None:
         try:
-            if is_classifier:
-                from ftkit.commands.classify import load_examples
-
-                examples, label, _ = load_examples(target, tokenizer, data, n)
-                return examples, label
             evalset = load_eval_set(target, tokenizer, data, fmt, n)
             return evalset.examples, evalset.label
         except FtkitError as err:
             if data is not None:
                 raise
             _log(f"note: verifying on random tokens: the run's validation data cannot be used ({err})")
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (n, SYNTHETIC_LENGTH), generator=generator).tolist()
-    examples = TASKS[target.task].synthetic_examples(ids)
+    examples = task_of(target).synthetic_examples(ids)
     return examples, f"{n} random token sequences of length {SYNTHETIC_LENGTH} (seed 0; pass --data for real text)"
 
 

@@ -12,8 +12,8 @@ read_rows(path) -> [(row, "path:line"), ...]
 from ftkit.data.batches import batch_order, collate
 from ftkit.data.classification import ClassExample
 from ftkit.data.encode import Example
-from ftkit.data.formats import render_prompt
 from ftkit.data.preference import PreferencePair
+from ftkit.data.prompts import render_prompt
 from ftkit.data.sources import read_rows
 from ftkit.data.splits import Splits, load_splits
 

@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ftkit.data.encode import IGNORE, Example
 
 MEGA_BATCHES = 64  # batches per sorting window: wide enough to group lengths, narrow enough to stay random
@@ -45,8 +47,6 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     (examples with `position_ids`) also get `position_ids`; their padding counts 0, 1, ...
     as one more sequence of its own, so it never joins the last real one.
     """
-    import torch
-
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

@@ -137,26 +137,3 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, source: str) -> 
             )
         spans.append((len(before), len(through)))
     return full, spans
-
-
-def render_prompt(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
-    """(prompt ready for generation, reference answer) of a raw row, as the model saw it in training.
-
-    The prompt already holds the template's special tokens (BOS included where the template
-    writes it): encode it with `add_special_tokens=False`. chat/alpaca: the conversation up
-    to the last assistant message plus the generation prompt, and that message as reference.
-    text: bos + the first half of the text (cut at a space), and the rest as reference.
-    preference: the prompt plus the generation prompt, and the chosen answer as reference.
-    """
-    source = "prompt row"
-    if fmt == "preference":
-        from ftkit.data.preference import render_pair_prompt
-
-        return render_pair_prompt(row, tokenizer)
-    if fmt == "text":
-        text = text_of(row, source)
-        cut = text.find(" ", len(text) // 2)
-        cut = len(text) // 2 if cut < 0 else cut
-        return (tokenizer.bos_token or "") + text[:cut], text[cut:]
-    messages = to_messages(row, fmt, source)
-    return render(messages[:-1], tokenizer, True, source), messages[-1]["content"]

@@ -74,14 +74,6 @@ def encode_pair(row: dict, source: str, tokenizer: Any, max_length: int) -> tupl
     return PreferencePair(chosen=sides[0], rejected=sides[1], source=source), truncated
 
 
-def render_pair_prompt(row: dict, tokenizer: Any) -> tuple[str, str]:
-    """(prompt ready for generation, chosen answer): what `render_prompt` gives for a preference row."""
-    from ftkit.data.formats import render
-
-    prompt, chosen, _ = pair_messages(row, "prompt row")
-    return render(prompt, tokenizer, True, "prompt row"), chosen
-
-
 def _prompt_messages(row: dict, source: str) -> list[dict[str, str]]:
     prompt = row.get("prompt")
     system = row.get("system")

@@ -16,6 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import datasets
+
 from ftkit.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -113,8 +115,6 @@ def _expect_object(row: object, source: str) -> dict:
 
 
 def _read_csv(file: Path) -> list[Row]:
-    import datasets
-
     with file.open(newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), None)
     if not header:
@@ -126,15 +126,11 @@ def _read_csv(file: Path) -> list[Row]:
 
 
 def _read_parquet(file: Path) -> list[Row]:
-    import datasets
-
     table = _load_in_memory(datasets.Dataset.from_parquet, file)
     return [(row, f"{file}:{i + 1}") for i, row in enumerate(table)]
 
 
 def _load_in_memory(reader, file: Path, **kwargs) -> list[dict]:
-    import datasets
-
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="ftkit-data-") as cache_dir:
         try:

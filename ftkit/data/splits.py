@@ -1,4 +1,8 @@
-"""The recipe's data section → tokenized train and validation examples, with counts."""
+"""The recipe's data section → tokenized train and validation examples, with counts.
+
+load_splits(data, tokenizer, seed) -> Splits     data.train (and data.val / val_fraction), as data.format says
+load_file(key, path, data, tokenizer, labels)    every row of one more file, tokenized the same way
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftkit.data.classification import ClassExample
+from ftkit.data.classification import ClassExample, classification_stats, encode_rows, label_names
 from ftkit.data.encode import IGNORE, Example, encode_row
 from ftkit.data.preference import PreferencePair, encode_pair
 from ftkit.data.sources import SUFFIXES, Row, read_rows
@@ -23,7 +27,7 @@ class Splits:
     train: list[Example] | list[PreferencePair] | list[ClassExample]
     val: list[Example] | list[PreferencePair] | list[ClassExample]
     stats: dict
-    labels: list[str] | None = None  # a classification run's class names, in id order
+    labels: list[str] | None = None  # format classification: the class names, in id order
 
 
 def load_splits(data: DataSection, tokenizer: Any, seed: int) -> Splits:
@@ -59,13 +63,24 @@ def load_splits(data: DataSection, tokenizer: Any, seed: int) -> Splits:
 
 
 def _classification_splits(train_rows: list[Row], val_rows: list[Row], data: DataSection, tokenizer: Any) -> Splits:
-    from ftkit.data.classification import classification_stats, encode_rows, label_names
-
     labels = label_names(train_rows, data.labels)
     train, truncated_train = encode_rows(train_rows, labels, tokenizer, data.max_length, "data.train")
     val, truncated_val = encode_rows(val_rows, labels, tokenizer, data.max_length, "data.train")
     stats = classification_stats(train, val, labels, (truncated_train, truncated_val), data.max_length)
     return Splits(train=train, val=val, stats=stats, labels=labels)
+
+
+def load_file(key: str, path: str, data: DataSection, tokenizer: Any, labels: list[str] | None = None) -> list:
+    """Every row of the file `path` (the first `data.max_samples`), tokenized as `data` says; errors name `key`.
+
+    Format classification: the class ids are those of `labels` (the class names something was
+    trained on; a label outside them is an error naming its row), else of the file's own labels.
+    """
+    rows = read_key_rows(key, path)[: data.max_samples]
+    if data.format == "classification":
+        names = labels if labels is not None else label_names(rows, data.labels)
+        return encode_rows(rows, names, tokenizer, data.max_length, "the run's data.train")[0]
+    return _encode_all(rows, data, tokenizer)[0]
 
 
 def check_data_file(key: str, path: str) -> None:

@@ -27,7 +27,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from ftkit.errors import ModelError
 from ftkit.models import hf_files
-from ftkit.models.builtin import builtin_config, is_builtin, label_config, materialize_builtin
+from ftkit.models.builtin import build_byte_tokenizer, builtin_config, is_builtin, label_config, materialize_builtin
 from ftkit.models.hf_files import is_adapter_dir
 from ftkit.recipe.schema import ModelSection
 
@@ -98,12 +98,12 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-# the old private name, still imported by models/target.py; remove once it imports quiet_transformers
-_quiet_transformers = quiet_transformers
-
-
-def load_tokenizer_only(cfg: ModelSection) -> Any:
-    """The tokenizer of a hub or local model, with a pad token distinct from EOS."""
+def load_tokenizer(cfg: ModelSection) -> Any:
+    """The tokenizer of a model section: the byte tokenizer of a built-in model, else the hub or local
+    model's own, with a pad token distinct from EOS. The one tokenizer loader: training, eval,
+    generate and merge all come here (a run's final/ is a local model folder)."""
+    if is_builtin(cfg.name):
+        return build_byte_tokenizer()
     quiet_transformers()
     local = Path(cfg.name).expanduser()
     if local.is_dir():
@@ -164,10 +164,7 @@ def build_model(
         print(f"warning: model.trust_remote_code is true: running code shipped with {source}", file=sys.stderr)
     try:
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=cfg.trust_remote_code, local_files_only=is_local, revision=cfg.revision
-            )
-            ensure_pad_token(tokenizer)
+            tokenizer = load_tokenizer(cfg.model_copy(update={"name": source}))
         # from_pretrained sets keyword arguments that name config attributes on the loaded config
         changes = config_changes or {}
         if labels is not None:

@@ -14,19 +14,39 @@ argument, resolved here in this order:
 The base of an adapter is checked, not guessed: in a run, the base the adapter
 records must be the base the run's recipe trained on; when they differ (a moved or
 edited run) the command refuses unless `--base` says which one to use.
-Imports stay light (no torch): loading lives in `load_model`.
+
+Whether a target is a sequence classifier is decided in one place, `Target.is_classifier`:
+its run's recipe (`task: classification`), else its adapter's peft task type (SEQ_CLS), else
+the model class its config.json names (`*ForSequenceClassification`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+
 from ftkit.errors import ModelError, RunDirError
+from ftkit.models import load as loading
+from ftkit.models.builtin import is_builtin
+from ftkit.models.hf_files import (
+    adapter_base,
+    adapter_task_type,
+    architectures,
+    config_labels,
+    has_adapter_config,
+    has_tokenizer,
+    is_adapter_dir,
+    is_classifier_architecture,
+    is_model_dir,
+)
+from ftkit.models.load import build_model
+from ftkit.recipe import load_recipe
 from ftkit.recipe.schema import ModelSection, Recipe
 from ftkit.rundir import BASE, CHECKPOINTS, FINAL, RECIPE, complete_checkpoints, is_run_dir, read_labels
 
@@ -56,7 +76,7 @@ class Target:
     def tokenizer_source(self) -> str:
         """Where the tokenizer lives: next to the weights when saved there (ftkit saves it), else the base."""
         weights = Path(self.weights)
-        if weights.is_dir() and (weights / "tokenizer_config.json").is_file():
+        if weights.is_dir() and has_tokenizer(weights):
             return str(weights)
         return self.base or self.weights
 
@@ -65,45 +85,48 @@ class Target:
         return self.recipe.data.format if self.recipe is not None else None
 
     @property
-    def task(self) -> str:
-        """classification for a classifier (its run's recipe, a SEQ_CLS adapter, a *ForSequenceClassification
-        model), else causal_lm."""
+    def is_classifier(self) -> bool:
+        """A sequence classifier: see the module docstring for how it is told."""
         if self.recipe is not None:
-            return self.recipe.task
+            return self.recipe.task == "classification"
         weights = Path(self.weights)
-        if (weights / "adapter_config.json").is_file():
-            task_type = json.loads((weights / "adapter_config.json").read_text()).get("task_type")
-            return "classification" if task_type == "SEQ_CLS" else "causal_lm"
-        architectures = _read_config(weights).get("architectures") or []
-        return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+        if has_adapter_config(weights):
+            return adapter_task_type(weights) == "SEQ_CLS"
+        return is_model_dir(weights) and is_classifier_architecture(architectures(weights))
+
+    @property
+    def task(self) -> str:
+        """The recipe's `task` this model was trained for: classification for a classifier, else causal_lm.
+        (`ftkit.tasks.task_of(target)` is its Task, preference for a run with a preference objective.)"""
+        return "classification" if self.is_classifier else "causal_lm"
 
     @property
     def labels(self) -> list[str] | None:
         """A classifier's class names in id order: the run's labels.json, else the id2label of the
         model's (or, for an adapter, its base's) config.json; None when unknown or not a classifier."""
-        if self.task != "classification":
+        if not self.is_classifier:
             return None
         if self.run_dir is not None:
             found = read_labels(self.run_dir)
             if found is not None:
                 return found
-        return _config_labels(Path(self.base if self.is_adapter and self.base else self.weights))
+        model_dir = Path(self.base if self.is_adapter and self.base else self.weights)
+        return config_labels(model_dir) if is_model_dir(model_dir) else None
+
+    def known_labels(self) -> list[str]:
+        """`labels`, or ModelError when this classifier's labels are unknown."""
+        labels = self.labels
+        if labels is None:
+            raise ModelError(
+                f"{self.spec}: a classifier whose labels are unknown (no labels.json, no id2label in its config); "
+                "give its run directory"
+            )
+        return labels
 
     def describe(self) -> str:
         what = "adapter" if self.is_adapter else "model"
         where = f"{self.run_dir} ({self.checkpoint})" if self.run_dir is not None else self.weights
         return f"{what} {where}" + (f" on base {self.base}" if self.is_adapter else "")
-
-
-def _read_config(model_dir: Path) -> dict:
-    config_file = model_dir / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-
-def _config_labels(model_dir: Path) -> list[str] | None:
-    """The class names (id order) a config.json records in id2label; None when it records none."""
-    id2label = _read_config(model_dir).get("id2label")
-    return [id2label[key] for key in sorted(id2label, key=int)] if id2label else None
 
 
 def resolve_target(spec: str | Path, checkpoint: str | None = None, base: str | None = None) -> Target:
@@ -114,8 +137,8 @@ def resolve_target(spec: str | Path, checkpoint: str | None = None, base: str | 
         return _resolve_run(path, spec, checkpoint, base)
     if checkpoint is not None:
         raise RunDirError(f"--checkpoint: {spec} is not a run directory (no recipe.yaml), so it has no checkpoints")
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        recorded = _recorded_base(path)
+    if path.is_dir() and has_adapter_config(path):
+        recorded = adapter_base(path)
         chosen = base or recorded
         if chosen is None:
             raise ModelError(f"{path}/adapter_config.json names no base model; pass --base MODEL")
@@ -123,7 +146,7 @@ def resolve_target(spec: str | Path, checkpoint: str | None = None, base: str | 
             _note(f"note: using --base {base}; the adapter records base {recorded}")
         _check_base_exists(chosen, f"{path}/adapter_config.json")
         return Target(spec, str(path), True, chosen, ModelSection(name=chosen))
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and is_model_dir(path):
         return Target(spec, str(path), False, base, ModelSection(name=str(path)))
     if path.exists():
         raise ModelError(
@@ -135,16 +158,14 @@ def resolve_target(spec: str | Path, checkpoint: str | None = None, base: str | 
 
 
 def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | None) -> Target:
-    from ftkit.recipe import load_recipe
-
     recipe = load_recipe(run_dir / RECIPE)
     weights, label = _run_weights(run_dir, checkpoint)
     trained_base = _trained_base(run_dir, recipe.model.name)
     model_cfg = recipe.model.model_copy(update={"gradient_checkpointing": False})
     target = Target(spec, str(weights), False, trained_base, model_cfg, run_dir, recipe, label)
-    if (weights / "adapter_config.json").is_file():
+    if has_adapter_config(weights):
         target.is_adapter = True
-        recorded = _recorded_base(weights)
+        recorded = adapter_base(weights)
         if base is not None:
             if not same_model(base, trained_base):
                 _note(f"note: using --base {base}; the run trained on {trained_base}")
@@ -164,8 +185,6 @@ def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | N
 def _trained_base(run_dir: Path, model_name: str) -> str:
     """The model the run trained on: its `base/` when the run wrote one (a built-in model, or an
     adapter such as an SFT run's final/ merged into its base, e.g. DPO after SFT), else model.name."""
-    from ftkit.models.load import is_adapter_dir, is_builtin
-
     local = Path(model_name).expanduser()
     if is_builtin(model_name) or (local.is_dir() and is_adapter_dir(local)):
         return str((run_dir / BASE).resolve())
@@ -173,7 +192,6 @@ def _trained_base(run_dir: Path, model_name: str) -> str:
 
 
 def _run_weights(run_dir: Path, checkpoint: str | None) -> tuple[Path, str]:
-
     existing = [p.name for p in complete_checkpoints(run_dir)]
     if checkpoint is None or checkpoint == "final":
         final = run_dir / FINAL
@@ -188,14 +206,6 @@ def _run_weights(run_dir: Path, checkpoint: str | None) -> tuple[Path, str]:
         have = ", ".join(existing) if existing else "none"
         raise RunDirError(f"--checkpoint: {run_dir} has no complete checkpoint {name}; complete ones: {have}")
     return path, name
-
-
-def _recorded_base(adapter_dir: Path) -> str | None:
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelError(f"{adapter_dir}/adapter_config.json: cannot read it ({err})") from None
-    return config.get("base_model_name_or_path")
 
 
 def same_model(a: str, b: str) -> bool:
@@ -220,25 +230,13 @@ def _note(message: str) -> None:
 
 
 def device_type() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_tokenizer(target: Target) -> Any:
-    """The tokenizer saved with the weights (ftkit saves it in final/ and checkpoints), else the base's."""
-    from transformers import AutoTokenizer
-
-    from ftkit.models.load import _quiet_transformers, ensure_pad_token
-
-    _quiet_transformers()
-    source = target.tokenizer_source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=target.model_cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{source}: cannot load the tokenizer: {str(err).splitlines()[0]}") from err
-    ensure_pad_token(tokenizer)
-    return tokenizer
+    """The tokenizer saved with the weights (ftkit saves it in final/ and checkpoints), else the base's,
+    loaded as the run's model section says (`ftkit.models.load.load_tokenizer`)."""
+    return loading.load_tokenizer(target.model_cfg.model_copy(update={"name": target.tokenizer_source}))
 
 
 def load_model(
@@ -250,8 +248,6 @@ def load_model(
     base in that dtype instead (merging), `True` keeps the recipe's 4-bit setting.
     `base_only` loads the base without the adapter (a full fine-tune's starting point).
     """
-    from ftkit.models.load import build_model
-
     cfg = target.model_cfg
     if base_only:
         if target.base is None:
@@ -264,14 +260,7 @@ def load_model(
         updates["quantization"] = None
     if updates:
         cfg = cfg.model_copy(update=updates)
-    labels = None
-    if target.task == "classification":
-        labels = target.labels
-        if labels is None:
-            raise ModelError(
-                f"{target.spec}: a classifier whose labels are unknown (no labels.json, no id2label in its config); "
-                "give its run directory"
-            )
+    labels = target.known_labels() if target.is_classifier else None
     model, _, _ = build_model(cfg, device_type(), seed=0, tokenizer=tokenizer, labels=labels)
     if cfg.quantization is None:
         model = model.to(device_type())
@@ -283,8 +272,6 @@ def load_model(
 
 def attach_adapter(model: Any, adapter_dir: str) -> Any:
     """`PeftModel.from_pretrained`, with a shape mismatch (wrong base) turned into one clear line."""
-    from peft import PeftModel
-
     try:
         return PeftModel.from_pretrained(model, adapter_dir)
     except RuntimeError as err:  # torch's size-mismatch report when the adapter was trained on another base

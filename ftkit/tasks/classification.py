@@ -1,4 +1,9 @@
-"""The classification objective (`task: classification`): cross-entropy over the labels.
+"""The classification task (`task: classification`): a sequence classifier learns `data.labels`.
+
+    Classification                  the objective: cross-entropy over the labels
+    ClassificationTask.evaluate     `ftkit eval`: loss, accuracy, per-label counts, confusion matrix
+    ClassificationTask.predict      `ftkit generate`: a label per text
+    summarize_classification / classification_section   summary.json's and report.md's figures
 
 For a batch of examples with class ids y_i and the head's logits z_i ∈ R^C at each
 example's last token,
@@ -7,7 +12,12 @@ example's last token,
     accuracy = Σ_i [argmax z_i = y_i]   /  (number of examples in the window)
 
 so the loop's unit is the example (`units` = batch size), and grad accumulation weighs
-every example the same however the window is cut.
+every example the same however the window is cut. `ftkit eval` reports the same loss and
+accuracy (so on a run's own validation set they equal its last val_loss / val_accuracy), and
+
+    per_label   for each class: examples, correct, recall (= correct / examples), predicted
+                (how often it was predicted) and precision (= correct / predicted)
+    confusion   matrix[true][predicted] = count, rows and columns in label-id order
 
 Padding is on the left, and position ids count real tokens only (0, 1, ... from each
 example's first token), so an example's logits do not depend on the batch it is in: the
@@ -22,17 +32,23 @@ it small). Every other method gets the position ids and is exact.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
-from ftkit.data.classification import ClassExample
+from ftkit.data.classification import ClassExample, encode_text, text_of
+from ftkit.errors import ArgumentError
+from ftkit.models.target import Target, load_model
 from ftkit.recipe.schema import Recipe
 from ftkit.rundir import LABELS
 from ftkit.tasks.causal_lm import input_device
+from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation
 from ftkit.tasks.objective import evaluate
+from ftkit.tasks.prediction import Inputs, PredictOptions, write_predictions
 
 
 def collate_left(examples: Sequence[ClassExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -98,6 +114,74 @@ def write_labels(run_dir: Path, splits: Any) -> dict:
     return {"task": "classification"} | record
 
 
+# ---------------------------------------------------------------- eval and predict
+
+
+def class_logps(model: Any, examples: Sequence[ClassExample], pad_id: int, batch_size: int) -> list[list[float]]:
+    """Class log-probabilities of each example (log-softmax of the head's logits), in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)  # little padding per batch
+    logps: list[list[float]] = [[] for _ in examples]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_left([examples[i] for i in rows], pad_id).items()}
+            for i, p in zip(rows, class_logits(model, batch).float().log_softmax(-1).tolist(), strict=True):
+                logps[i] = p
+    return logps
+
+
+def argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def confusion(
+    examples: Sequence[ClassExample], predicted: Sequence[int], labels: list[str]
+) -> tuple[list[list[int]], dict[str, dict]]:
+    """(matrix[true][predicted], per-label figures); see the module docstring."""
+    n = len(labels)
+    matrix = [[0] * n for _ in range(n)]
+    for example, guess in zip(examples, predicted, strict=True):
+        matrix[example.label][guess] += 1
+    per_label = {}
+    for i, name in enumerate(labels):
+        support, correct, chosen = sum(matrix[i]), matrix[i][i], sum(row[i] for row in matrix)
+        per_label[name] = {
+            "examples": support,
+            "correct": correct,
+            "recall": correct / support if support else None,
+            "predicted": chosen,
+            "precision": correct / chosen if chosen else None,
+        }
+    return matrix, per_label
+
+
+def evaluate_classifier(model: Any, evalset: EvalSet, labels: list[str], pad_id: int, batch_size: int) -> Evaluation:
+    """Loss, accuracy, per-label figures and confusion matrix of a classifier, from one pass over the examples."""
+    examples = evalset.examples
+    logps = class_logps(model, examples, pad_id, batch_size)
+    predicted = [argmax(p) for p in logps]
+    n = max(len(examples), 1)
+    loss = -sum(p[ex.label] for ex, p in zip(examples, logps, strict=True)) / n  # Classification's loss
+    accuracy = sum(guess == ex.label for ex, guess in zip(examples, predicted, strict=True)) / n
+    matrix, per_label = confusion(examples, predicted, labels)
+    counts = [sum(row) for row in matrix]
+    fields = {
+        "task": "classification",
+        **evalset.described(),
+        "labels": labels,
+        "tuned": {"loss": loss, "accuracy": accuracy},
+        "majority_baseline": max(counts) / n,  # accuracy of always guessing the commonest class
+        "per_label": per_label,
+        "confusion": {"rows": "true label", "columns": "predicted label", "labels": labels, "matrix": matrix},
+    }
+    records = [
+        {"source": ex.source, "label": labels[ex.label], "predicted": labels[guess], "probability": math.exp(p[guess])}
+        for ex, guess, p in zip(examples, predicted, logps, strict=True)
+    ]
+    return Evaluation(fields, "predictions", records)
+
+
 # ---------------------------------------------------------------- summary.json and report.md
 
 
@@ -159,6 +243,8 @@ class ClassificationTask:
     name = "classification"
     generates_text = False  # its val accuracy is in metrics.jsonl and the report
     summary_key = "classification"
+    model_kind = "classifier"
+    data_formats = ("classification",)
 
     def objective(
         self, recipe: Recipe, model: Any, splits: Any, run_dir: Path, device: Any, pad_id: int
@@ -186,3 +272,40 @@ class ClassificationTask:
             logits = class_logits(model, batch)
         loss = evaluate(model, examples, len(examples), pad_id, device, Classification())["loss"]
         return logits.float().cpu(), loss
+
+    def evaluate(self, target: Target, tokenizer: Any, evalset: EvalSet, options: EvalOptions) -> Evaluation:
+        """`ftkit eval` of a classifier: loss, accuracy, per-label figures, confusion matrix, a prediction per row."""
+        if options.baseline:
+            raise ArgumentError(
+                "--baseline: a classifier's base has no trained head (its classes start at random), "
+                "so there is nothing to compare with; drop --baseline"
+            )
+        labels = target.known_labels()
+        model = load_model(target, tokenizer)
+        return evaluate_classifier(model, evalset, labels, tokenizer.pad_token_id, options.batch_size)
+
+    def predict(
+        self, target: Target, tokenizer: Any, inputs: Inputs, options: PredictOptions, out: TextIO
+    ) -> list[str]:
+        """`ftkit generate` on a classifier: it writes no text, it predicts a label per input.
+
+        --prompt TEXT → the label; plain lines → one label per line; JSONL rows with `text` →
+        the rows with `predicted` and `probabilities` ({label: p}) added. Returns the labels.
+        """
+        labels = target.known_labels()
+        print(
+            f"note: {target.spec} is a classifier ({', '.join(labels)}): predicting a label per text", file=sys.stderr
+        )
+        max_length = target.recipe.data.max_length if target.recipe is not None else 1024
+        texts = [text_of(item, inputs.source(i)) if inputs.is_jsonl else item for i, item in enumerate(inputs.items)]
+        examples = [ClassExample(encode_text(text, tokenizer, max_length)[0], 0, "input") for text in texts]
+        model = load_model(target, tokenizer)
+        logps = class_logps(model, examples, tokenizer.pad_token_id, options.batch_size)
+        probs = [[math.exp(x) for x in p] for p in logps]
+        predicted = [labels[argmax(p)] for p in probs]
+        fields = [
+            {"predicted": name, "probabilities": dict(zip(labels, p, strict=True))}
+            for name, p in zip(predicted, probs, strict=True)
+        ]
+        write_predictions(out, inputs, predicted, fields)
+        return predicted

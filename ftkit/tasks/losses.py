@@ -20,10 +20,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.utils import ModulesToSaveWrapper
+
+from ftkit.errors import ModelError
 
 IGNORE = -100
 
@@ -195,6 +199,7 @@ class CausalLMLoss:
         head = _linear_head(base)
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         if self.kernels == "liger":
+            # liger-kernel is optional (CUDA only; check_kernels refused it up front when absent)
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
@@ -206,10 +211,6 @@ def check_kernels(kernels: str, device_type: str) -> None:
     """ModelError naming perf.kernels when the asked-for kernels cannot run here."""
     if kernels != "liger":
         return
-    from importlib.util import find_spec
-
-    from ftkit.errors import ModelError
-
     if device_type != "cuda" or find_spec("liger_kernel") is None:
         raise ModelError(
             "perf.kernels: liger needs a CUDA GPU and the liger-kernel package (pip install liger-kernel); "
@@ -226,10 +227,6 @@ def _linear_head(base: Any) -> Any:
     """The module whose weight maps hidden states to logits: lm_head, or the copy peft trains
     when lm_head is in `modules_to_save`; None when it is anything else (e.g. LoRA-adapted)."""
     head = base.get_output_embeddings()
-    try:
-        from peft.utils import ModulesToSaveWrapper
-    except ImportError:  # peft is a dependency, but the head logic does not need it
-        ModulesToSaveWrapper = ()  # noqa: N806
     if isinstance(head, ModulesToSaveWrapper):
         active = head.active_adapters
         if head.disable_adapters or not active:

@@ -29,14 +29,14 @@ from ftkit.data.packing import pack_examples
 from ftkit.distributed import collectives, engines
 from ftkit.errors import ModelError
 from ftkit.methods import MethodHooks, RunInfo, get_method
-from ftkit.models.builtin import build_byte_tokenizer, is_builtin
+from ftkit.models.builtin import is_builtin
 from ftkit.models.load import (
     build_model,
     check_attention,
     compile_layers,
     count_parameters,
     load_model_config,
-    load_tokenizer_only,
+    load_tokenizer,
 )
 from ftkit.plan import memory_warning
 from ftkit.recipe import dump_recipe
@@ -80,7 +80,7 @@ class Inputs:
 def prepare_inputs(recipe: Recipe, accelerator: Any) -> Inputs:
     """Tokenizer, data splits, packed rows and total steps; then the checks that need no weights."""
     cfg, device_type = recipe.train, accelerator.device.type
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(recipe.data, tokenizer, cfg.seed)
     data_sha256 = resuming.data_hashes(recipe.data)
     train_examples = splits.train
@@ -91,12 +91,6 @@ def prepare_inputs(recipe: Recipe, accelerator: Any) -> Inputs:
     check_attention(recipe.model, device_type)
     warn_if_plan_exceeds_device(recipe, device_type)
     return Inputs(tokenizer, splits, train_examples, total_steps, data_sha256)
-
-
-def load_tokenizer(recipe: Recipe) -> Any:
-    if is_builtin(recipe.model.name):
-        return build_byte_tokenizer()
-    return load_tokenizer_only(recipe.model)
 
 
 def warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:

@@ -106,6 +106,6 @@ def test_bad_inputs_are_one_line_errors(trained_runs, tmp_path):
 
 
 def test_vllm_is_only_used_with_a_gpu():
-    from ftkit.commands.generate import vllm_usable
+    from ftkit.tasks.generation import vllm_usable
 
     assert vllm_usable() is (torch.cuda.is_available() and __import__("importlib").util.find_spec("vllm") is not None)

@@ -178,12 +178,12 @@ def test_generate_predicts_labels(class_runs):
     # stdin: JSONL rows come back with the prediction and each label's probability; plain lines get a label
     import io
 
-    from ftkit.commands.classify import run_predict
+    from ftkit.commands.generate import Sampling, run_generate
     from ftkit.models.target import resolve_target
 
     out = io.StringIO()
     rows = '{"text": "A red ring of size 3.", "id": 7}\n{"text": "A blue cube of size 9."}\n'
-    predicted = run_predict(resolve_target(run.run_dir), None, stdin=io.StringIO(rows), stdout=out)
+    predicted = run_generate(resolve_target(run.run_dir), None, Sampling(), stdin=io.StringIO(rows), stdout=out)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["predicted"] for line in lines] == predicted and lines[0]["id"] == 7
     assert all(sum(line["probabilities"].values()) == pytest.approx(1.0) for line in lines)

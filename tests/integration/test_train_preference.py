@@ -147,6 +147,17 @@ def test_ftkit_eval_reports_reward_accuracy_and_margins(dpo_run):
     assert Path(result["file"]).parent == run_dir
 
 
+def test_merge_verifies_on_the_runs_pairs(dpo_run, tmp_path):
+    """`ftkit merge` of a DPO run checks the merge on its validation pairs (both answers of each), the
+    preference task's examples: the merged model reproduces base + adapter (float32: ≤ 1e-4)."""
+    _, run_dir, _ = dpo_run
+    code, _, err = run_cli("merge", str(run_dir), "--out", str(tmp_path / "merged"), "--samples", "4")
+    assert code == 0, err
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["merge"]["passed"] and report["merge"]["max_abs_logit_diff"] <= 1e-4
+    assert report["samples"] == 4 and "validation set" in report["sample_source"]
+
+
 def test_reference_is_the_same_network_without_a_copy(dpo_run, tmp_path, tiny_data):
     """The disabled-adapter reference adds no parameters: total = an SFT run's with the same LoRA."""
     _, run_dir, _ = dpo_run

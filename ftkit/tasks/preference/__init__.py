@@ -6,6 +6,10 @@ reference.py   where DPO/IPO's reference log-probs come from (disabled adapter, 
 
 prepare_objective(recipe, model, splits, run_dir, ...) -> (objective, facts)   what `ftkit train` calls
 evaluate_preferences(model, pairs, objective, ...) -> {loss, rewards/accuracy, ...}   for `ftkit eval`
+
+`ftkit eval` on preference pairs (`data.format: preference`: a DPO/IPO/ORPO/SimPO run, or any
+causal LM with `--format preference`) reports the objective's own metrics (`evaluate_pairs`):
+loss, rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin, logps/* — no generation.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from typing import Any
 import torch
 
 from ftkit.data import PreferencePair
+from ftkit.data.splits import sequences
+from ftkit.models.target import Target, device_type, load_model
 from ftkit.recipe.schema import PREFERENCE_OBJECTIVES, ObjectiveSection, Recipe
-from ftkit.tasks.causal_lm import SFT, CausalLMTask
+from ftkit.tasks.causal_lm import SFT, CausalLMTask, text_fields
+from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation
 from ftkit.tasks.objective import evaluate
 from ftkit.tasks.preference.objective import PreferenceObjective, sequence_logps
 from ftkit.tasks.preference.reference import (
@@ -142,12 +149,72 @@ def evaluate_preferences(
     return result | {"pairs": len(pairs)}
 
 
+def evaluate_pairs(
+    target: Target, tokenizer: Any, evalset: EvalSet, batch_size: int, baseline: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(tuned, base or None) preference metrics on chosen/rejected pairs: the loss of the run's
+    objective (dpo with beta 0.1 when the target is no preference run), implicit rewards,
+    reward accuracy and margin, and the reference-free `logps/accuracy`.
+
+    The reference is the one the run trained against: its precomputed log-probs when it
+    stored them and this is its validation set; otherwise an adapter's base (the adapter
+    switched off, no second copy) or, for a full fine-tune, its base model loaded beside it.
+    `baseline` scores that reference as the policy: its rewards are 0 by definition, and its
+    `logps/accuracy` says how often it already ranked the chosen answer first.
+    """
+    recipe = target.recipe
+    if recipe is not None and recipe.objective.name in PREFERENCE_OBJECTIVES:
+        objective = recipe.objective
+    else:
+        objective = ObjectiveSection(name="dpo")
+        print(
+            f"note: {target.spec} was not trained with a preference objective; scoring dpo with beta {objective.beta}",
+            file=sys.stderr,
+        )
+    pairs = evalset.examples
+    stored = target.run_dir is not None and (target.run_dir / REFERENCE_FILE).is_file()
+    if objective.needs_reference and stored and evalset.own_val:
+        load_reference_logps(target.run_dir, "val", pairs)
+    model = load_model(target, tokenizer)
+    device = torch.device(device_type())
+    reference_model = None
+    if objective.needs_reference and not target.is_adapter and not all(p.ref_logps is not None for p in pairs):
+        reference_model = load_model(target, tokenizer, base_only=True)
+
+    def score(policy: Any, reference: Any) -> dict[str, Any]:
+        result = evaluate_preferences(
+            policy,
+            pairs,
+            objective,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=batch_size,
+            device=device,
+            reference_model=reference,
+        )
+        return {key: value for key, value in result.items() if key != "pairs"}
+
+    tuned = score(model, reference_model)
+    base = None
+    if baseline:  # the reference as the policy (its own reference, unless the pairs carry precomputed ones)
+        if target.is_adapter:
+            with model.disable_adapter():
+                base = score(model, model)
+        else:
+            loaded = reference_model is not None
+            base_model = reference_model if loaded else load_model(target, tokenizer, base_only=True)
+            base = score(base_model, base_model)
+    return tuned, base
+
+
 class PreferenceTask(CausalLMTask):
-    """A causal LM learns to prefer the chosen answer of each pair (dpo, ipo, orpo, simpo)."""
+    """A causal LM learns to prefer the chosen answer of each pair (dpo, ipo, orpo, simpo).
+
+    It writes text like any causal LM (`predict`, report samples); it is measured on pairs."""
 
     name = "preference"
     generates_text = True
     summary_key = "preference"
+    data_formats = ("preference",)
     objectives = PREFERENCE_OBJECTIVES
 
     def objective(
@@ -163,3 +230,11 @@ class PreferenceTask(CausalLMTask):
 
     def report_section(self, summary: dict, facts: dict) -> str:
         return preference_section(summary)
+
+    def score(self, model: Any, examples: Sequence[Any], pad_id: int) -> tuple[torch.Tensor, float]:
+        """The causal LM's score over every sequence of `examples`: both answers of each pair."""
+        return super().score(model, sequences(list(examples)), pad_id)
+
+    def evaluate(self, target: Target, tokenizer: Any, evalset: EvalSet, options: EvalOptions) -> Evaluation:
+        tuned, base = evaluate_pairs(target, tokenizer, evalset, options.batch_size, options.baseline)
+        return Evaluation(text_fields(target, evalset, tuned, base, None))

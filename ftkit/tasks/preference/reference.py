@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ftkit.data import PreferencePair
+from ftkit.data import PreferencePair, collate
 from ftkit.errors import RunDirError
+from ftkit.rundir import REFERENCE_LOGPS
 from ftkit.tasks.preference.objective import sequence_logps
 
-REFERENCE_FILE = "reference_logps.safetensors"
+REFERENCE_FILE = REFERENCE_LOGPS
 
 
 @contextlib.contextmanager
@@ -132,8 +136,6 @@ def attach(pairs: Sequence[PreferencePair], logps: torch.Tensor) -> None:
 def save_reference_logps(run_dir: Path, splits: dict[str, tuple[Sequence[PreferencePair], torch.Tensor]]) -> Path:
     """Write REFERENCE_FILE: per split a (pairs, 2) tensor, and in the metadata a digest of the
     split's pairs (sources and token ids), so a reader can check the file fits its data."""
-    from safetensors.torch import save_file
-
     path = run_dir / REFERENCE_FILE
     tensors = {split: logps.contiguous() for split, (_, logps) in splits.items()}
     metadata = {f"{split}_digest": pairs_digest(pairs) for split, (pairs, _) in splits.items()}
@@ -143,8 +145,6 @@ def save_reference_logps(run_dir: Path, splits: dict[str, tuple[Sequence[Prefere
 
 def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
     """sha256 over each pair's source and token ids: changes when the data or tokenizer does."""
-    import hashlib
-
     digest = hashlib.sha256()
     for pair in pairs:
         digest.update(f"{pair.source}|{pair.chosen.input_ids}|{pair.rejected.input_ids}\n".encode())
@@ -153,8 +153,6 @@ def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
 
 def load_reference_logps(run_dir: Path, split: str, pairs: Sequence[PreferencePair]) -> None:
     """Attach the precomputed ρ of `split` from a run dir to `pairs`; RunDirError if they do not match."""
-    from safetensors import safe_open
-
     path = Path(run_dir) / REFERENCE_FILE
     if not path.is_file():
         raise RunDirError(f"{path}: no precomputed reference log-probs in this run")
@@ -169,6 +167,4 @@ def load_reference_logps(run_dir: Path, split: str, pairs: Sequence[PreferencePa
 
 
 def _collate_plain(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    from ftkit.data import collate
-
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
