@@ -8,6 +8,7 @@ go to stderr; stdout carries only what a command is asked to print (resolved rec
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,25 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+
+
+class DataFormat(str, Enum):
+    """Row formats `--format` accepts (the recipe's data.format values)."""
+
+    alpaca = "alpaca"
+    chat = "chat"
+    text = "text"
+    preference = "preference"
+    classification = "classification"
+
+
+class Dtype(str, Enum):
+    """Weight dtypes of a merged model; auto = bf16 on a bf16 GPU, else fp32."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 @app.callback()
@@ -201,8 +221,7 @@ def eval_(
         str | None, typer.Option("--data", help="Data file (any format train reads); default: the run's val set.")
     ] = None,
     data_format: Annotated[
-        str | None,
-        typer.Option("--format", help="Format of --data: alpaca, chat, text or preference (default: the run's)."),
+        DataFormat | None, typer.Option("--format", help="Format of --data (default: the run's).")
     ] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the base model; print the delta.")] = False,
     max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="Use the first N examples.")] = None,
@@ -219,13 +238,12 @@ def eval_(
 ) -> None:
     """Val loss, perplexity, token accuracy and exact match of a run or model (on preference pairs: reward
     accuracy and margins); --baseline compares with its base."""
-    if data_format is not None and data_format not in ("alpaca", "chat", "text", "preference"):
-        raise ArgumentError(f"--format: {data_format!r} is not a format; use alpaca, chat, text or preference")
     from ftkit.commands.eval import print_result, run_eval
     from ftkit.models.target import resolve_target
 
     target = resolve_target(run_or_model, checkpoint, base)
-    result = run_eval(target, data, data_format, baseline, max_samples, batch_size, not no_generation, max_new_tokens)
+    fmt = data_format.value if data_format is not None else None
+    result = run_eval(target, data, fmt, baseline, max_samples, batch_size, not no_generation, max_new_tokens)
     print_result(result, as_json)
 
 
@@ -262,8 +280,8 @@ def merge(
         Path | None, typer.Option("--config", help="Merge-config YAML: merge models or combine adapters.")
     ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16; auto = bf16 on a bf16 GPU, else fp32.")
-    ] = "auto",
+        Dtype, typer.Option("--dtype", help="Weight dtype of the merged model; auto = bf16 on a bf16 GPU, else fp32.")
+    ] = Dtype.auto,
     from_quantized: Annotated[
         bool, typer.Option("--from-quantized", help="QLoRA: merge into the dequantized NF4 weights it trained on.")
     ] = False,
@@ -285,8 +303,6 @@ def merge(
         raise ArgumentError("--out: give the directory for the merged model")
     if (run_or_adapter is None) == (config is None):
         raise ArgumentError("give either RUN_OR_ADAPTER (merge an adapter) or --config (merge models), not both")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ArgumentError(f"--dtype: {dtype!r}; use auto, float32, bfloat16 or float16")
     import json
 
     if config is not None:
@@ -302,7 +318,7 @@ def merge(
     report = merge_adapter(
         target,
         out,
-        dtype=dtype,
+        dtype=dtype.value,
         from_quantized=from_quantized,
         overwrite=overwrite,
         samples=samples,
@@ -365,12 +381,12 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("aborted\n")
         sys.exit(130)
-    except Exception as err:  # click usage errors and the unexpected
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+    except typer.TyperException as err:  # usage errors (typer's own click): usage, the problem, exit 2
+        if not hasattr(err, "show"):
+            raise
+        err.show()
+        sys.exit(err.exit_code)
+    except Exception as err:  # the unexpected
         if _state["debug"]:
             raise
         _fail(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", 1)
