@@ -48,19 +48,18 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from ftkit.distributed.launch import world_size
-from ftkit.errors import FtkitError, ModelError
+from ftkit.errors import FtkitError
 from ftkit.methods import get_method
-from ftkit.models.builtin import builtin_config, is_builtin
+from ftkit.models.load import load_model_config
 from ftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -484,20 +483,8 @@ def mfu(recipe: Recipe, tokens_per_s: float, device: Any) -> float | None:
 
 
 def load_config(recipe: Recipe) -> Any:
-    """The model's transformers config: built-in, local config.json, or a hub model's config.json."""
-    cfg = recipe.model
-    if is_builtin(cfg.name):
-        return builtin_config(cfg.name)
-    local = Path(cfg.name).expanduser()
-    try:
-        return AutoConfig.from_pretrained(
-            str(local) if local.is_dir() else cfg.name,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            local_files_only=local.is_dir(),
-        )
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.name: cannot read the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+    """The model's transformers config (no weights): built-in, packaged or GGUF, local folder, adapter's base, hub."""
+    return load_model_config(recipe.model)
 
 
 def _meta_model(config: Any, recipe: Recipe) -> Any:

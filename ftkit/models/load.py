@@ -28,12 +28,14 @@ from transformers.utils import is_flash_attn_2_available
 from ftkit.errors import ModelError
 from ftkit.models import hf_files
 from ftkit.models.builtin import build_byte_tokenizer, builtin_config, is_builtin, label_config, materialize_builtin
+from ftkit.models.gguf import local_model
 from ftkit.models.hf_files import is_adapter_dir
 from ftkit.recipe.schema import ModelSection
 
 
 def load_model_config(cfg: ModelSection) -> Any:
     """The model's transformers config alone (config.json, no weights): for checks before loading."""
+    cfg = local_model(cfg)
     if is_builtin(cfg.name):
         return builtin_config(cfg.name)
     local = Path(cfg.name).expanduser()
@@ -104,6 +106,7 @@ def load_tokenizer(cfg: ModelSection) -> Any:
     generate and merge all come here (a run's final/ is a local model folder)."""
     if is_builtin(cfg.name):
         return build_byte_tokenizer()
+    cfg = local_model(cfg)
     quiet_transformers()
     local = Path(cfg.name).expanduser()
     if local.is_dir():
@@ -140,6 +143,7 @@ def build_model(
     returned as the base, so an adapter pointing there reloads the model that trained.
     """
     quiet_transformers()
+    cfg = local_model(cfg)
     source = cfg.name
     if is_adapter_dir(Path(source).expanduser()):
         if labels is not None:
@@ -278,18 +282,30 @@ def _adapter_base(adapter_dir: Path) -> str:
     return base
 
 
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Padding must never be the EOS token: labels at pad positions are masked, and EOS must train.
+#: pad tokens some vocabularies carry for exactly this purpose
+PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
 
-    Adds a pad token when the tokenizer has none of its own; `build_model` then
-    grows the embeddings to match.
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token without ever adding one to the vocabulary.
+
+    Padding never decides what trains or what is attended to: `collate` builds the attention
+    mask and the labels from each example's length, so EOS keeps training even when the pad
+    id equals it. A new token would grow the embeddings, and peft would then save the whole
+    embedding and lm_head with every adapter (for SmolLM2, 246 MB instead of 20 MB) that no
+    longer loads on the stock base. So a tokenizer without its own pad token (or whose pad is
+    its EOS) pads with a pad token of its vocabulary, else another special token that is not EOS
+    (its unk, bos, ...), else EOS itself.
     """
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        candidates = [t for t in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>") if t in tokenizer.get_vocab()]
-        if candidates:
-            tokenizer.pad_token = candidates[0]
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    specials = [tokenizer.unk_token, *tokenizer.all_special_tokens]
+    for token in (*PAD_TOKENS, *specials):
+        if token and token in vocab and token != tokenizer.eos_token:
+            tokenizer.pad_token = token
+            return
+    tokenizer.pad_token = tokenizer.eos_token
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

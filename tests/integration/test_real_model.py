@@ -1,0 +1,136 @@
+"""What only a real pretrained model shows (SmolLM2-135M-Instruct: a GPT-2-style BPE vocabulary of
+49,152, ChatML template, pad = EOS = <|im_end|>): GGUF loading, padding without vocabulary surgery,
+an adapter that holds only what trained and loads on the stock base, and a merge check calibrated
+on 30 layers of logits ~20."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.helpers import make_recipe, run_cli
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def smol_run(smollm2, tmp_path_factory) -> Path:
+    """LoRA r8 on SmolLM2 for 2 steps of 4 rows (the quickstart task), through `ftkit train`."""
+    tmp = tmp_path_factory.mktemp("smol")
+    data = Path(__file__).resolve().parents[2] / "data" / "quickstart"
+    recipe = make_recipe(
+        tmp,
+        data,
+        name="smol",
+        model={"name": "builtin:smollm2-135m", "dtype": "float32"},
+        method={"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        data={"train": str(data / "train.jsonl"), "val": None, "val_fraction": 0.2, "max_samples": 20,
+              "max_length": 128},
+        train={"lr": 1e-3, "max_steps": 2, "batch_size": 4, "samples": 0},
+    )  # fmt: skip
+    code, out, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    assert out == ""
+    return tmp / "runs" / "smol"
+
+
+def test_gguf_converts_once_to_a_plain_model_with_its_chat_template(smollm2):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ftkit.models.builtin import packaged_file
+    from ftkit.models.gguf import MARKER, converted_model_dir
+
+    assert converted_model_dir(packaged_file("builtin:smollm2-135m")) == smollm2  # cached: the same folder
+    marker = json.loads((smollm2 / MARKER).read_text())
+    assert marker["architecture"] == "llama" and len(marker["sha256"]) == 64
+    config = AutoConfig.from_pretrained(smollm2)
+    assert config.num_hidden_layers == 30 and config.vocab_size == VOCAB
+    assert getattr(config, "quantization_config", None) is None  # plain weights, save_pretrained works
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    assert "<|im_start|>" in tokenizer.chat_template and len(tokenizer) == VOCAB
+
+
+def test_padding_adds_no_token_and_the_adapter_holds_only_what_trained(smol_run):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    final = smol_run / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert len(tokenizer) == VOCAB  # no <|pad|> added, no embeddings resized
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token != tokenizer.eos_token
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    trainable = json.loads((smol_run / "summary.json").read_text())["facts"]["trainable_params"]
+    with safe_open(str(final / "adapter_model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert all("lora_" in name for name in names)
+    size = (final / "adapter_model.safetensors").stat().st_size
+    # fp32 adapter: 4 bytes per trainable parameter, plus the safetensors header (names, shapes)
+    assert trainable * 4 <= size <= trainable * 4 * 1.02
+
+
+def test_the_readme_loading_snippet_runs_on_the_stock_base(smol_run, smollm2):
+    """Base + adapter + the tokenizer from final/, batched left-padded greedy generation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, smol_run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(smol_run / "final", padding_side="left")
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        for text in ("What is the capital of France?", "Name a colour.")
+    ]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(texts) == 2 and all(text.strip() for text in texts)
+
+
+def test_merge_of_the_real_model_passes_its_calibrated_check(smol_run, tmp_path):
+    """fp32 merge of 30 layers: |Δ logit| ~1e-4 absolute (the old fixed 1e-4 refused it) is ~2e-6 of
+    the logits' scale; top-1 agreement is total and the KL is round-off."""
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli("merge", str(smol_run), "--out", str(out), "--samples", "4")
+    assert code == 0, err
+    merge = json.loads((out / "merge_report.json").read_text())["merge"]
+    assert merge["passed"] and merge["rel_logit_diff"] <= 2e-5
+    assert merge["top1_agreement"] == 1.0 and merge["mean_kl"] < 1e-6
+
+
+def test_alpaca_masks_train_exactly_the_answer_and_its_end_of_turn(smollm2):
+    from transformers import AutoTokenizer
+
+    from ftkit.data.encode import encode_row
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    row = {"instruction": "Extract the attributes.", "input": "Fans of puzzle games got Quantum Saga in 2009.",
+           "output": "inform(name[Quantum Saga], release_year[2009])"}  # fmt: skip
+    example, truncated = encode_row(row, "row:1", "alpaca", tokenizer, 256, False)
+    trained = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    assert tokenizer.decode(trained) == row["output"] + "<|im_end|>"
+    assert not truncated
+    # no double BOS: the template writes <|im_start|> (SmolLM2's BOS too) and encoding adds none of its own
+    assert example.input_ids[:2] != [tokenizer.bos_token_id] * 2
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|>system\n")
+
+
+def test_bad_gguf_inputs_are_one_line_errors(tmp_path, monkeypatch):
+    from ftkit.models import builtin
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    recipe = make_recipe(tmp_path, tmp_path, name="fake", model={"name": str(fake)})
+    code, out, err = run_cli("plan", str(recipe))
+    assert code == 2 and out == ""
+    assert "is not a GGUF file" in err and len(err.strip().splitlines()) == 1
+
+    monkeypatch.setitem(builtin.PACKAGED_MODELS, "smollm2-135m", ("no-such-wheel", "x.gguf", "pip install x"))
+    recipe = make_recipe(tmp_path, tmp_path, name="missing", model={"name": "builtin:smollm2-135m"})
+    code, out, err = run_cli("plan", str(recipe))
+    assert code == 2 and out == ""
+    assert "needs the no-such-wheel wheel, which is not installed: pip install x" in err
