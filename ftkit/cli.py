@@ -16,6 +16,7 @@ import typer
 
 from ftkit import io as stdout
 from ftkit.errors import ArgumentError, FtkitError
+from ftkit.rundir import RECIPE, is_run_dir
 
 app = typer.Typer(
     add_completion=False,
@@ -106,6 +107,9 @@ def train(
     resolved = load_recipe(recipe, set_ or [])  # a bad recipe fails here, before any process starts
     if output_dir is not None:
         resolved.output_dir = str(output_dir)
+    elif resume and recipe.name == RECIPE and is_run_dir(recipe.parent):
+        # a run's own recipe.yaml resumes that run where it is now, even after `cp -r` / `mv`
+        resolved.output_dir = str(recipe.parent)
     from ftkit.distributed.launch import launch, needs_launch
 
     if needs_launch(resolved, nproc):
@@ -289,7 +293,11 @@ def merge(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Held-out examples for verification.")] = 8,
     data: Annotated[str | None, typer.Option("--data", help="Verification data (default: the run's val set).")] = None,
     tolerance: Annotated[
-        float | None, typer.Option("--tolerance", help="Max |Δ logit| merged vs base + adapter (fp32: 1e-4).")
+        float | None,
+        typer.Option(
+            "--tolerance",
+            help="Max |Δ logit| merged vs base + adapter, relative to the logits' scale (fp32: 5e-5, bf16: 4e-2).",
+        ),
     ] = None,
     max_memory: Annotated[
         str | None, typer.Option("--max-memory", help="RAM the merge may use (e.g. 8GB); beyond it, shard by shard.")

@@ -34,6 +34,7 @@ from peft import PeftModel
 from ftkit.errors import ModelError, RunDirError
 from ftkit.models import load as loading
 from ftkit.models.builtin import is_builtin
+from ftkit.models.gguf import local_model
 from ftkit.models.hf_files import (
     adapter_base,
     adapter_task_type,
@@ -160,7 +161,7 @@ def resolve_target(spec: str | Path, checkpoint: str | None = None, base: str | 
 def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | None) -> Target:
     recipe = load_recipe(run_dir / RECIPE)
     weights, label = _run_weights(run_dir, checkpoint)
-    trained_base = _trained_base(run_dir, recipe.model.name)
+    trained_base = _trained_base(run_dir, recipe.model)
     model_cfg = recipe.model.model_copy(update={"gradient_checkpointing": False})
     target = Target(spec, str(weights), False, trained_base, model_cfg, run_dir, recipe, label)
     if has_adapter_config(weights):
@@ -170,7 +171,7 @@ def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | N
             if not same_model(base, trained_base):
                 _note(f"note: using --base {base}; the run trained on {trained_base}")
             target.base = base
-        elif recorded is not None and not same_model(recorded, trained_base):
+        elif recorded is not None and not same_model(recorded, trained_base) and not _moved(run_dir, recorded):
             raise ModelError(
                 f"{weights}/adapter_config.json: base_model_name_or_path is {recorded}, but the run's recipe "
                 f"trained on {trained_base}; pass --base with the one to use"
@@ -182,13 +183,24 @@ def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | N
     return target
 
 
-def _trained_base(run_dir: Path, model_name: str) -> str:
+def _trained_base(run_dir: Path, model: ModelSection) -> str:
     """The model the run trained on: its `base/` when the run wrote one (a built-in model, or an
-    adapter such as an SFT run's final/ merged into its base, e.g. DPO after SFT), else model.name."""
-    local = Path(model_name).expanduser()
-    if is_builtin(model_name) or (local.is_dir() and is_adapter_dir(local)):
+    adapter such as an SFT run's final/ merged into its base, e.g. DPO after SFT); the converted
+    folder of a GGUF file or packaged model (converted again if this machine's cache lacks it);
+    else model.name."""
+    local = Path(model.name).expanduser()
+    if is_builtin(model.name) or (local.is_dir() and is_adapter_dir(local)):
         return str((run_dir / BASE).resolve())
-    return model_name
+    return local_model(model).name
+
+
+def _moved(run_dir: Path, recorded: str) -> bool:
+    """True when the base an adapter records is a path that no longer leads to the run's base: the
+    run was copied or moved (its own base/ is authoritative), or the converted GGUF lives elsewhere
+    on this machine (the file's sha256 names the right one). An adapter whose recorded base is
+    another model that exists is not explained by a move, and stays ambiguous."""
+    recorded_path = Path(recorded).expanduser()
+    return not recorded_path.exists() or recorded_path.name == BASE and (run_dir / BASE).is_dir()
 
 
 def _run_weights(run_dir: Path, checkpoint: str | None) -> tuple[Path, str]:

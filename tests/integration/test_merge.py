@@ -181,3 +181,33 @@ def test_adapter_recording_another_base_is_refused_unless_base_is_given(trained_
     code, stdout, err = run_cli("eval", str(run), "--no-generation", "--json", "--base", str(run / "base"))
     assert code == 0, err
     assert json.loads(stdout)["tuned"]["loss"] > 0
+
+
+def test_a_slightly_wrong_merge_is_refused(lora_merged, tmp_path, monkeypatch):
+    """One merged tensor off by 1e-3 of its scale — a bug a merge could have, far below anything a
+    glance at outputs would show — fails the relative check, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    from ftkit.commands import merge as merging
+
+    real = merging._merge_in_memory
+
+    def corrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        staging = args[5]
+        weights = load_file(staging / "model.safetensors")
+        name = next(k for k in weights if k.endswith("q_proj.weight"))
+        weights[name] = weights[name] + 1e-3 * weights[name].abs().max()
+        save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        return result
+
+    monkeypatch.setattr(merging, "_merge_in_memory", corrupted)
+    run, _, report = lora_merged
+    out = tmp_path / "wrong"
+    code, stdout, err = run_cli("merge", str(run), "--out", str(out))
+    assert code == 1 and stdout == "", err
+    assert "verification failed" in err and "of the logits' scale" in err
+    assert not out.exists()
+    assert report["merge"]["rel_logit_diff"] <= 1e-6  # the correct merge: round-off only
+    # KL of fp32 log-softmaxes that agree to round-off: ~1e-8 (each log-prob carries ~1e-7 of rounding)
+    assert report["merge"]["top1_agreement"] == 1.0 and report["merge"]["mean_kl"] < 1e-6
