@@ -173,7 +173,10 @@ def test_adapter_recording_another_base_is_refused_unless_base_is_given(trained_
     shutil.copytree(trained_runs["lora"], run, ignore=shutil.ignore_patterns("checkpoints", "eval-*"))
     config_file = run / "final" / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "base")
+    # another model that exists (a path that no longer exists is a moved run: tests/integration/test_moved_runs.py)
+    other = tmp_path / "elsewhere"
+    shutil.copytree(run / "base", other)
+    config["base_model_name_or_path"] = str(other)
     config_file.write_text(json.dumps(config))
     code, stdout, err = run_cli("eval", str(run), "--no-generation")
     assert code == 2 and stdout == ""
