@@ -19,6 +19,7 @@ folder, checked, and renamed into place (`check_out` before, `publish` after). I
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -79,3 +80,12 @@ def publish(staging: Path, out: Path) -> None:
         os.rename(out, old)
     os.rename(staging, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (checkpoints, data files, GGUF models)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

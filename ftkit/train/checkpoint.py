@@ -19,7 +19,6 @@ of a killed process are never loaded and are removed by `clean_staging` on the n
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ftkit.errors import ResourceError, RunDirError
+from ftkit.io import file_sha256
 from ftkit.models.hf_files import has_adapter_config, load_tensors
 from ftkit.rundir import (
     CHECKPOINTS,
@@ -126,14 +126,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -190,7 +182,7 @@ def save_checkpoint(
         save_file(rng_tensors, staging / RNG)
         write_json(staging / TRAINER_STATE, {**trainer_state, "rng": rng_meta})
         files = {
-            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(staging.rglob("*"))
             if p.is_file()
         }
@@ -331,7 +323,7 @@ def verify_checkpoint(path: Path) -> dict:
         file = path / name
         if not file.resolve().is_relative_to(path.resolve()):
             raise RunDirError(f"{path}/complete.json: lists {name!r}, outside the checkpoint; refusing to load it")
-        if not file.is_file() or file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if not file.is_file() or file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
             raise RunDirError(
                 f"{file}: damaged (size or sha256 differs from complete.json); "
                 "resume from an older checkpoint with --resume PATH, or start again with --overwrite"

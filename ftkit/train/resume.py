@@ -21,7 +21,6 @@ optimizer, schedule) makes a resume refuse; cadence keys (eval_every, save_every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 from ftkit.distributed.collectives import is_deepspeed, is_sharded
 from ftkit.distributed.state import check_processes, restore_deepspeed, restore_rank_rng, restore_sharded
 from ftkit.errors import RunDirError
+from ftkit.io import file_sha256
 from ftkit.models.hf_files import load_tensors
 from ftkit.recipe import load_recipe
 from ftkit.recipe.schema import DataSection, Recipe
@@ -165,11 +165,7 @@ def data_hashes(data: DataSection) -> dict[str, str | None]:
 def _file_sha256(path: str | None) -> str | None:
     if path is None:
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def check_recipe_change(

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftkit.errors import RunDirError
+from ftkit.io import file_sha256
 from ftkit.recipe import parse_recipe
 from ftkit.recipe.schema import TrainSection
 from ftkit.train import checkpoint as ckpt
@@ -28,7 +29,7 @@ def fake_checkpoint(root: Path, name: str, files: dict[str, bytes] | None = None
     path.mkdir(parents=True)
     for file, data in (files or {"weights.safetensors": name.encode()}).items():
         (path / file).write_bytes(data)
-    listed = {p.name: {"bytes": p.stat().st_size, "sha256": ckpt._sha256(p)} for p in path.iterdir()}
+    listed = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in path.iterdir()}
     (path / "complete.json").write_text(json.dumps({"step": int(name.split("-")[1].split(".")[0]), "files": listed}))
     return path
 
