@@ -20,6 +20,7 @@ folder is loaded, as for any model folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -101,7 +102,8 @@ def converted_model_dir(path: Path, cache: Path | None = None) -> Path:
     if not path.is_file():
         raise ModelError(f"model.name: GGUF file not found: {path}")
     _check_magic(path)
-    sha256 = file_sha256(path)
+    stat = path.stat()
+    sha256 = _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     entry = (cache or cache_root()) / "gguf" / sha256[:16]
     if entry.exists():
         _check_entry(entry, sha256)
@@ -128,6 +130,13 @@ def converted_model_dir(path: Path, cache: Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     _check_entry(entry, sha256)
     return entry
+
+
+@functools.cache
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, hashed once per process for one (path, size, mtime): a run resolves its
+    model section several times (tokenizer, config check, weights) and the file is ~100 MB."""
+    return file_sha256(path)
 
 
 def _check_entry(entry: Path, sha256: str) -> None:
