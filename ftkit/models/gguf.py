@@ -139,6 +139,15 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
+def converted_sha256(folder: str | Path) -> str | None:
+    """The GGUF file's sha256 when `folder` is one of ftkit's converted cache entries, else None:
+    two entries with the same sha256 hold the same model (e.g. under two $FTKIT_CACHE roots)."""
+    try:
+        return json.loads((Path(folder).expanduser() / MARKER).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_entry(entry: Path, sha256: str) -> None:
     try:
         marker = json.loads((entry / MARKER).read_text())
