@@ -63,6 +63,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         with Records(run_dir / METRICS if is_main else None, inputs.total_steps, state.step) as records:
             hooks = Hooks(
                 log=records.log,
+                progress=records.step,
                 checkpoint=checkpointer.save,
                 should_stop=stop.should_stop,
                 before_zero_grad=trainable.hooks.before_zero_grad,
