@@ -41,6 +41,14 @@ class DataFormat(str, Enum):
     classification = "classification"
 
 
+class GgufType(str, Enum):
+    """Tensor types `export --gguf` writes its 2-D weights in (norms stay float32)."""
+
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
 class Dtype(str, Enum):
     """Weight dtypes of a merged model; auto = bf16 on a bf16 GPU, else fp32."""
 
@@ -450,6 +458,46 @@ def extract(
         max_samples=max_samples,
     )
     print_summary(report)
+
+
+@app.command(cls=HelpCommand)
+def export(
+    run_or_model: RunOrModel,
+    gguf: Annotated[
+        Path | None,
+        typer.Option("--gguf", metavar="FILE", help="The GGUF file to write (llama.cpp, Ollama, LM Studio)."),
+    ] = None,
+    type_: Annotated[
+        GgufType, typer.Option("--type", help="Type of the 2-D weights: f16, bf16, or q8_0 (8-bit blocks).")
+    ] = GgufType.f16,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --gguf file.")] = False,
+    samples: Annotated[
+        int, typer.Option("--samples", metavar="N", min=1, help="Held-out examples the file is verified on.")
+    ] = 8,
+    data: Annotated[
+        str | None, typer.Option("--data", metavar="FILE", help="Verification data (default: the run's val set).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verification report as JSON on stdout.")] = False,
+    checkpoint: CheckpointOption = None,
+    base: BaseOption = None,
+) -> None:
+    """Export a run or model as one GGUF file, verified by reading it back.
+
+    An adapter is merged first (as `ftkit merge` does, verified). The file is read back with transformers'
+    GGUF loader and checked against the merged model (logits and tokenizer) before it is renamed into place.
+    """
+    if gguf is None:
+        raise ArgumentError("--gguf: give the file to write, e.g. --gguf model.gguf")
+    import json
+
+    from ftkit.commands.export import export_gguf, summary_line
+    from ftkit.models.target import resolve_target
+
+    target = resolve_target(run_or_model, checkpoint, base)
+    report = export_gguf(target, gguf, type_.value, overwrite=overwrite, samples=samples, data=data)
+    typer.echo(summary_line(report), file=stdout.messages())
+    if as_json:
+        stdout.data().write(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:

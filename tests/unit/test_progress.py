@@ -41,8 +41,14 @@ class Clock:
 
 
 def _record(step: int) -> dict:
-    return {"step": step, "epoch": step / 7, "loss": 1 / step, "lr": 3e-3, "grad_norm": 0.31234}
-    | {"tokens_per_s": 23456.7}
+    return {
+        "step": step,
+        "epoch": step / 7,
+        "loss": 1 / step,
+        "lr": 3e-3,
+        "grad_norm": 0.31234,
+        "tokens_per_s": 23456.7,
+    }
 
 
 def _run(total: int, step_s: float, log_every: int, eval_every: int = 0) -> list[tuple[float, str]]:
