@@ -153,6 +153,17 @@ def validate(
 
 
 @app.command(cls=HelpCommand)
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors: completion and checks as you type).
+
+    Shipped recipes point the YAML language server at docs/recipe.schema.json, a copy of this output.
+    """
+    from ftkit.recipe.json_schema import schema_text
+
+    stdout.data().write(schema_text())
+
+
+@app.command(cls=HelpCommand)
 def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", metavar="RECIPE")],
     set_: SetOption = None,
