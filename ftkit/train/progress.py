@@ -175,21 +175,25 @@ def display(total_steps: int, start_step: int) -> Progress | PlainLog:
 
 
 class Records:
-    """The loop's records: `log` (`Hooks.log`) appends one JSON line to metrics.jsonl and shows it;
+    """The loop's records: `log` (`Hooks.log`) appends one JSON line to metrics.jsonl, shows it and hands it
+    to the trackers (train.report_to);
     `step` (`Hooks.progress`, every step's record) only moves the display.
 
     Only the main process writes the run directory: built with `metrics=None` (the other
     processes) every call does nothing. The file is line-buffered, so a crash loses one line at most.
     """
 
-    def __init__(self, metrics: Path | None, total_steps: int, start_step: int):
+    def __init__(self, metrics: Path | None, total_steps: int, start_step: int, trackers: Any = None):
         self._file = metrics.open("a", buffering=1) if metrics is not None else None
         self._bar = display(total_steps, start_step) if metrics is not None else None
+        self._trackers = trackers  # train.report_to (ftkit.train.trackers.Trackers), main process only
 
     def log(self, record: dict) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._bar.update(record)
+            if self._trackers is not None:
+                self._trackers.log(record)
 
     def step(self, record: dict) -> None:
         if self._bar is not None:
@@ -202,6 +206,9 @@ class Records:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
     def __enter__(self) -> Records:
         return self
