@@ -22,7 +22,6 @@ from ftkit.usage import HelpCommand, HelpGroup
 app = typer.Typer(
     cls=HelpGroup,
     rich_markup_mode=None,
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Fine-tune language models from YAML recipes.",
@@ -74,9 +73,27 @@ def _root(
         stdout.show_library_output()
 
 
+def _complete_set(incomplete: str) -> list[str]:
+    """`--set` completion: recipe key paths, then the values the schema lists for the key."""
+    from ftkit.recipe.json_schema import completions
+
+    return completions(incomplete)
+
+
+def _complete_method(incomplete: str) -> list[str]:
+    from ftkit.recipe.json_schema import key_values
+
+    return [name for name in key_values("method.name") if name.startswith(incomplete)]
+
+
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set train.lr=3e-4 (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a recipe key: --set train.lr=3e-4 (repeatable).",
+        autocompletion=_complete_set,
+    ),
 ]
 
 
@@ -154,7 +171,7 @@ def validate(
 
 @app.command(cls=HelpCommand)
 def schema() -> None:
-    """Print the recipe's JSON Schema (for editors: completion and checks as you type).
+    """Print the recipe JSON Schema (for editor completion and checks).
 
     Shipped recipes point the YAML language server at docs/recipe.schema.json, a copy of this output.
     """
@@ -222,7 +239,10 @@ def _count_examples(recipe) -> int | None:
 
 @app.command(cls=HelpCommand)
 def methods(
-    name: Annotated[str | None, typer.Argument(help="A method: show its recipe keys.", metavar="NAME")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A method: show its recipe keys.", metavar="NAME", autocompletion=_complete_method),
+    ] = None,
     peft_type: Annotated[
         str | None, typer.Argument(help="With `peft`: a peft tuner type, to show its keys.", metavar="TYPE")
     ] = None,
@@ -492,7 +512,7 @@ def export(
     checkpoint: CheckpointOption = None,
     base: BaseOption = None,
 ) -> None:
-    """Export a run or model as one GGUF file, verified by reading it back.
+    """Export a run or model as a GGUF file (llama.cpp), verified.
 
     An adapter is merged first (as `ftkit merge` does, verified). The file is read back with transformers'
     GGUF loader and checked against the merged model (logits and tokenizer) before it is renamed into place.

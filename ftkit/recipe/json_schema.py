@@ -59,3 +59,48 @@ def _options(node: dict, defs: dict) -> list[dict]:
     if branches:
         return [found for branch in branches for found in _options(branch, defs)]
     return [node] if node.get("type") == "object" or "properties" in node else []
+
+
+def completions(incomplete: str) -> list[str]:
+    """Shell completions of a `--set` value: key paths (`train.l` → `train.lr=`), then the values a key
+    takes when the schema lists them (`method.name=` → every method; `train.scheduler=c` → cosine ...)."""
+    if "=" not in incomplete:
+        return [f"{path}=" for path in key_paths() if path.startswith(incomplete)]
+    key, _, typed = incomplete.partition("=")
+    return [f"{key}={value}" for value in key_values(key) if value.startswith(typed)]
+
+
+def key_values(path: str) -> list[str]:
+    """The values the schema allows at `path` (its enums and consts, true/false for a bool), in order."""
+    schema = recipe_schema()
+    nodes = [schema]
+    for part in path.split("."):
+        nodes = [
+            o["properties"][part]
+            for n in nodes
+            for o in _options(n, schema["$defs"])
+            if part in o.get("properties", {})
+        ]
+    values: list[str] = []
+    for node in nodes:
+        _leaf_values(node, schema["$defs"], values)
+    return list(dict.fromkeys(values))
+
+
+def _leaf_values(node: dict, defs: dict, values: list[str]) -> None:
+    if "$ref" in node:
+        _leaf_values(defs[node["$ref"].rsplit("/", 1)[-1]], defs, values)
+        return
+    for branch in node.get("anyOf") or node.get("oneOf") or []:
+        _leaf_values(branch, defs, values)
+    if isinstance(node.get("items"), dict):  # a list key (train.report_to): the values of its items
+        _leaf_values(node["items"], defs, values)
+    if "const" in node:
+        values.append(_text(node["const"]))
+    values += [_text(value) for value in node.get("enum", [])]
+    if node.get("type") == "boolean":
+        values += ["true", "false"]
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
