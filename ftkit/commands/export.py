@@ -95,6 +95,11 @@ def export_gguf(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         _log(f"writing {out} ({qtype})")
         counts = gguf_writer.write_gguf(model, tokenizer, staging, qtype, name=_model_name(target))
+        if not gguf_writer.tokenizer_fields(tokenizer, model.config.vocab_size)["merges"]:
+            _log(
+                "note: this tokenizer has no BPE merges (the built-ins' byte tokenizer); gguf cannot write an empty "
+                "merge list, so transformers reads the file but llama.cpp refuses its tokenizer"
+            )
         report = _verify(target, model, tokenizer, staging, qtype, samples, data)
         report |= {
             "source": target.describe(),
