@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from ftkit.errors import ModelError
-from ftkit.io import file_sha256
+from ftkit.io import file_sha256, messages
 from ftkit.models.builtin import is_packaged, packaged_file
 from ftkit.recipe.schema import ModelSection
 
@@ -115,7 +114,7 @@ def converted_model_dir(path: Path, cache: Path | None = None) -> Path:
             f"it reads: {', '.join(supported_architectures())}"
         )
     entry.parent.mkdir(parents=True, exist_ok=True)
-    print(f"converting {path.name} (GGUF, {arch}) to a plain model in {entry} (once per file)", file=sys.stderr)
+    print(f"converting {path.name} (GGUF, {arch}) to a plain model in {entry} (once per file)", file=messages())
     staging = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _convert(path, staging)

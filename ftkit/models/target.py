@@ -23,7 +23,6 @@ the model class its config.json names (`*ForSequenceClassification`).
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from peft import PeftModel
 
 from ftkit.errors import ModelError, RunDirError
+from ftkit.io import messages
 from ftkit.models import load as loading
 from ftkit.models.builtin import is_builtin
 from ftkit.models.gguf import converted_sha256, local_model
@@ -245,7 +245,7 @@ def _check_base_exists(base: str | None, cited: str) -> None:
 
 
 def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(message, file=messages())
 
 
 def device_type() -> str:

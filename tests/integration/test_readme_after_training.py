@@ -34,8 +34,11 @@ def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
             args += ["--max-samples", "4"]  # the command as written, on 4 of the 100 val rows
         if args[0] == "generate":
             args += ["--max-new-tokens", "16"]
+        if args[0] == "export":
+            args += ["--samples", "4"]
         code, out, err = run_cli(*args)
         assert code == 0, (args, err)
         ran.add(args[0])
-    assert ran == {"eval", "generate", "merge"}
+    assert ran == {"eval", "generate", "merge", "export"}
     assert json.loads((tmp_path / "merged" / "quickstart" / "merge_report.json").read_text())["merge"]["passed"]
+    assert (tmp_path / "merged" / "quickstart.gguf").read_bytes()[:4] == b"GGUF"
