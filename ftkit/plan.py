@@ -54,12 +54,11 @@ import torch
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
-from transformers import AutoModelForCausalLM
 
 from ftkit.distributed.launch import world_size
 from ftkit.errors import FtkitError
 from ftkit.methods import get_method
-from ftkit.models.load import load_model_config
+from ftkit.models.load import load_model_config, skeleton
 from ftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -491,7 +490,7 @@ def _meta_model(config: Any, recipe: Recipe) -> Any:
     # the method decides what trains; inside the meta context peft builds (and "initialises")
     # its adapters without memory or compute too
     with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = skeleton(config, recipe.model.trust_remote_code)
         return get_method(recipe.method.name).apply(model, recipe.method)
 
 

@@ -8,6 +8,7 @@ users work exactly as for a hub model.
 
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +51,19 @@ def load_model_config(cfg: ModelSection) -> Any:
         )
     except (OSError, ValueError) as err:
         raise ModelError(f"model.name: cannot load the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+
+
+def skeleton(config: Any, trust_remote_code: bool = False, labels: list[str] | None = None) -> Any:
+    """The model's modules on the meta device: names, shapes and dtypes, no memory and no weights.
+
+    What a check before loading needs (a method's target modules, `ftkit plan`'s counts). With
+    `labels` it is the classifier (AutoModelForSequenceClassification, with its `score` head)."""
+    with torch.device("meta"):
+        if labels is not None:
+            config = copy.deepcopy(config)
+            config.update(label_config(labels))
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def resolve_dtype(name: str, device_type: str) -> Any:

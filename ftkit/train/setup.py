@@ -3,7 +3,8 @@
     start_accelerator(recipe)          accelerate for recipe.distributed; the seed set
     prepare_inputs(recipe, acc)        tokenizer, splits, packed rows, total steps, data hashes;
                                        kernel / attention / memory checks
-    check_model(recipe)                the method, and what it changes in the model's config
+    check_model(recipe, inputs, acc)   the method's refusals (model config, skeleton, run facts), and what
+                                       it changes in the model's config
     open_run_dir(...)                  a new run directory, or a run reopened at a checkpoint; the recipe written
     build_trainable(...)               base model + method + optimizer, prepared by the engine
     task_objective(...)                what the loop minimises: the task's objective (+ a method's penalty)
@@ -37,6 +38,7 @@ from ftkit.models.load import (
     count_parameters,
     load_model_config,
     load_tokenizer,
+    skeleton,
 )
 from ftkit.plan import memory_warning
 from ftkit.recipe import dump_recipe
@@ -103,12 +105,22 @@ def warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
         print(warning, file=sys.stderr)
 
 
-def check_model(recipe: Recipe) -> tuple[Any, dict]:
+def check_model(recipe: Recipe, inputs: Inputs, accelerator: Any) -> tuple[Any, dict]:
     """(the recipe's method, the model config changes it asks for); ModelError with every
-    problem the method finds in the model's config. Reads the config only, no weights."""
+    problem the method finds in the model's config, on the model's skeleton (meta device) and in
+    the run's facts (total steps, max_length). Reads the config only, no weights, writes nothing."""
     method = get_method(recipe.method.name)
     model_config = load_model_config(recipe.model)
     problems = method.model_problems(recipe.method, model_config)
+    if not problems:
+        model = skeleton(model_config, recipe.model.trust_remote_code, inputs.splits.labels)
+        run = RunInfo(
+            total_steps=inputs.total_steps,
+            train=recipe.train,
+            device=accelerator.device,
+            max_length=recipe.data.max_length,
+        )
+        problems = method.run_problems(recipe.method, model, run)
     if problems:
         raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
     return method, method.model_config_changes(recipe.method, model_config)
