@@ -61,6 +61,7 @@ def run_facts(
         | {
             "device": device_name(accelerator.device),
             "optimizer": cfg.optimizer,
+            "trained_weights": trainable.weights,
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum,

@@ -159,9 +159,15 @@ def train_loop(
             input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
         grad_norm = collectives.grad_norm(accelerator, params, cfg.max_grad_norm)
-        is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        # fp16: an overflow of the scaled gradients is the loss scaler's to handle (it skips the update and
+        # lowers the scale); the non-finite guard judges the loss, and the gradients of unscaled training
+        scaled = collectives.has_loss_scaler(accelerator)
+        is_finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaled)
+        overflowed = False
         if is_finite:
             optimizer.step()
+            overflowed = scaled and accelerator.optimizer_step_was_skipped
+        if is_finite and not overflowed:
             for hook in hooks.before_zero_grad:
                 hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
@@ -177,7 +183,7 @@ def train_loop(
                 )
         state.step += 1
         state.tokens_seen += input_tokens
-        if is_finite:
+        if is_finite and not overflowed:
             for hook in hooks.after_step:
                 hook(state.step)
 
@@ -190,6 +196,15 @@ def train_loop(
                     "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
                     "lr": lr,
                     "skipped": f"non-finite {what}",
+                }
+            )
+        elif overflowed:  # an event too: the scaler skipped this update
+            hooks.log(
+                {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
+                    "lr": lr,
+                    "skipped": f"fp16 overflow; loss scale now {accelerator.scaler.get_scale():g}",
                 }
             )
         elif state.step % cfg.log_every == 0 or state.step == total_steps:

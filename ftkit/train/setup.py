@@ -38,6 +38,7 @@ from ftkit.models.load import (
     count_parameters,
     load_model_config,
     load_tokenizer,
+    resolve_dtype,
     skeleton,
 )
 from ftkit.plan import memory_warning
@@ -47,6 +48,7 @@ from ftkit.rundir import BASE, RECIPE
 from ftkit.tasks import Task
 from ftkit.tasks.losses import check_kernels
 from ftkit.tasks.objective import Regularized
+from ftkit.train import precision
 from ftkit.train import resume as resuming
 from ftkit.train.checkpoint import load_method_state
 from ftkit.train.lock import RunLock, prepare_run_dir
@@ -56,16 +58,9 @@ from ftkit.train.optim import build_optimizer
 
 def start_accelerator(recipe: Recipe) -> Any:
     """The accelerator for `recipe.distributed`, with every generator seeded from train.seed."""
-    accelerator = engines.build_accelerator(recipe, mixed_precision(recipe.train.mixed_precision))
+    accelerator = engines.build_accelerator(recipe, precision.autocast_mode(recipe, precision.device_type()))
     set_seed(recipe.train.seed)
     return accelerator
-
-
-def mixed_precision(name: str) -> str:
-    """accelerate's mixed-precision mode: `auto` is bf16 on a GPU that has it, else none."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 @dataclass(frozen=True)
@@ -91,6 +86,7 @@ def prepare_inputs(recipe: Recipe, accelerator: Any) -> Inputs:
     total_steps = total_steps_for(cfg, len(train_examples), accelerator.num_processes)
     check_kernels(recipe.perf.kernels, device_type)
     check_attention(recipe.model, device_type)
+    precision.check_precision(recipe, device_type)
     warn_if_plan_exceeds_device(recipe, device_type)
     return Inputs(tokenizer, splits, train_examples, total_steps, data_sha256)
 
@@ -183,6 +179,7 @@ class Trainable:
     hooks: MethodHooks
     trainable_params: int
     total_params: int
+    weights: str = ""  # where the trained weights lived, in words (train.master_weights as it ran)
 
 
 def build_trainable(
@@ -222,6 +219,8 @@ def build_trainable(
     )
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method, run_info)
+    load_dtype = resolve_dtype(recipe.model.dtype, accelerator.device.type)
+    weights = precision.place_trained_weights(model, cfg.master_weights, load_dtype)  # before hooks and optimizer
     hooks = method.hooks(model, recipe.method, run_info)
     engines.check_method_hooks(accelerator, recipe, hooks)
     if recipe.model.torch_compile:
@@ -233,7 +232,8 @@ def build_trainable(
     else:
         optimizer = build_optimizer(hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg)
     model, optimizer = engines.prepare(accelerator, recipe, model, optimizer)
-    return Trainable(model, optimizer, accelerator.unwrap_model(model), tokenizer, base, hooks, trainable, total)
+    unwrapped = accelerator.unwrap_model(model)
+    return Trainable(model, optimizer, unwrapped, tokenizer, base, hooks, trainable, total, weights)
 
 
 def model_source(accelerator: Any, model_cfg: ModelSection, run_base: Path) -> ModelSection:
