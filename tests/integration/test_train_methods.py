@@ -56,6 +56,12 @@ def load_final(run: Run):
             )
             kwargs["device_map"] = {"": "cpu"}
         base = AutoModelForCausalLM.from_pretrained(run.adapter_base, dtype=torch.float32, **kwargs)
+        for module in base.modules():
+            # the kernel training used: left on, bitsandbytes' CPU eval forward repacks 4-bit weights with
+            # bf16 scales (and peft's DoRA then reads the repacked layout as if it were the plain one:
+            # measured val_loss 1.17 for qdora against 0.68); see ftkit.models.load.keep_4bit_layout
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         return PeftModel.from_pretrained(base, final)
     return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
 
