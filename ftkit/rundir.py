@@ -14,6 +14,8 @@ runs: training writes them, eval / generate / merge / report read them.
     RUN/reference_logps.safetensors  precomputed reference log-probs (dpo / ipo)
     RUN/lora_drop.json               the layers LoRA-drop kept
     RUN/eval-*.json                  `ftkit eval` results, newest last
+    RUN/logs/libraries.log           what the libraries printed and warned (stderr keeps ftkit's lines)
+    RUN/logs/<tracker>/              train.report_to: tensorboard event files, MLflow store, W&B offline run
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ REFERENCE_LOGPS = "reference_logps.safetensors"
 LABELS = "labels.json"
 LORA_DROP = "lora_drop.json"
 EVAL_GLOB = "eval-*.json"
+LOGS = "logs"
+LIBRARIES_LOG = f"{LOGS}/libraries.log"
 
 #: entries `ftkit train` writes in a run directory (and may therefore replace with --overwrite)
 RUN_ENTRIES = (
@@ -52,6 +56,7 @@ RUN_ENTRIES = (
     REFERENCE_LOGPS,
     LABELS,
     LORA_DROP,
+    LOGS,
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step
 END_ENTRIES = (FINAL, SAMPLES)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +35,7 @@ from ftkit.data import load_splits, read_rows
 from ftkit.data.splits import load_file
 from ftkit.errors import ArgumentError, DataError, FtkitError
 from ftkit.io import data as data_stream
+from ftkit.io import messages
 from ftkit.models.target import Target, device_type, load_tokenizer
 from ftkit.recipe.schema import DataSection
 from ftkit.report import refresh_report
@@ -212,4 +212,4 @@ def print_result(result: dict, as_json: bool) -> None:
     if as_json:
         data_stream().write(json.dumps(result, indent=2, allow_nan=True) + "\n")
     else:
-        sys.stderr.write(format_table(result))
+        messages().write(format_table(result))

@@ -28,7 +28,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from rich.text import Text
 
 from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, DataError, ModelError
-from ftkit.io import check_out, publish
+from ftkit.io import check_out, messages, publish
 from ftkit.models import hf_files
 from ftkit.models.hf_files import Weights, check_same_architecture
 from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer, resolve_target
@@ -230,7 +229,7 @@ def summary_lines(report: dict) -> str:
 
 
 def print_summary(report: dict) -> None:
-    sys.stderr.write(summary_lines(report))
+    messages().write(summary_lines(report))
 
 
 def _table(columns: tuple[str, ...]) -> Table:

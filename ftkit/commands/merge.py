@@ -50,7 +50,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
-from ftkit.io import check_out, publish
+from ftkit.io import check_out, messages, publish
 from ftkit.models import hf_files
 from ftkit.models.load import resolve_dtype
 from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer
@@ -617,4 +616,4 @@ def _gb(n: int) -> str:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(message, file=messages(), flush=True)

@@ -9,7 +9,9 @@ The sequence always ends with EOS, which is trained: a model that never sees EOS
 after an answer never learns to stop. When the rendered text does not end with EOS
 (ChatML closes turns with <|im_end|>\\n) EOS is appended; when it ends with EOS plus
 trailing whitespace (a template that writes "<|im_end|>\\n" with <|im_end|> as EOS),
-the whitespace is dropped so EOS stays last.
+the whitespace is dropped so EOS stays last. Truncation keeps that end: a sequence longer than
+max_length loses the start of its prompt, so the last answer and its EOS stay whole
+(`finish_example`).
 """
 
 from __future__ import annotations
@@ -67,28 +69,61 @@ def tokenize_conversation(
 
 
 def finish_example(
-    ids: list[int], trained: list[bool], source: str, tokenizer: Any, max_length: int
+    ids: list[int], trained: list[bool], source: str, tokenizer: Any, max_length: int, drop: int | None = None
 ) -> tuple[Example, bool]:
-    """Append a trained EOS, mask, truncate to max_length: (example, was_truncated).
+    """Append a trained EOS, mask, fit to max_length: (example, was_truncated).
 
-    DataError naming `source` when no trained token is left."""
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)
-        # the conversation ends with the assistant's turn, so its closing EOS is the assistant's
-        trained.append(True)
+    A sequence that is too long loses the start of its conversation (the prompt is cut from the
+    left), so the last answer and its end-of-turn stay whole: the model still learns to stop. Only
+    an answer that alone exceeds max_length is cut at its end, with no end-of-turn forced there
+    (that would teach stopping mid-answer). `drop` fixes how many leading tokens go (a preference
+    pair cuts its shared prompt alike on both sides). DataError naming `source` when no trained
+    token is left."""
+    append_eos(ids, trained, tokenizer)
     labels = [tok if t else IGNORE for tok, t in zip(ids, trained, strict=True)]
+    truncated = len(ids) > max_length
+    if truncated:
+        drop = left_cut([trained], max_length) if drop is None else drop
+        ids, labels = ids[drop:][:max_length], labels[drop:][:max_length]
     if labels:
         labels[0] = IGNORE
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE for label in labels):
         if truncated:
             raise DataError(
-                f"{source}: no answer tokens left after truncation to data.max_length; "
-                f"raise data.max_length (now {max_length}) or shorten the prompt"
+                f"{source}: no answer tokens left after truncation to data.max_length (the answer alone is longer "
+                f"and the prompt fills it); raise data.max_length (now {max_length}) or shorten the prompt"
             )
         raise DataError(f"{source}: nothing to train on (the answer is empty); fill it in or remove the row")
     return Example(input_ids=ids, labels=labels, source=source), truncated
+
+
+def append_eos(ids: list[int], trained: list[bool], tokenizer: Any) -> None:
+    """End the sequence with a trained EOS: the conversation ends with the assistant's turn, so its
+    closing EOS is the assistant's."""
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+        trained.append(True)
+
+
+def left_cut(sides: list[list[bool]], max_length: int) -> int:
+    """How many leading tokens to drop from each of `sides` (the trained flags of sequences that
+    share their prompt) so that all fit max_length with their last answer whole and at least one
+    token of context before it; 0 when none is too long or some answer alone does not fit (then
+    the sequences are cut at their end instead)."""
+    need = max(len(trained) for trained in sides) - max_length
+    if need <= 0:
+        return 0
+    starts = [len(trained) - _trailing_true(trained) for trained in sides]
+    return need if all(need <= start - 1 for start in starts) else 0
+
+
+def _trailing_true(flags: list[bool]) -> int:
+    count = 0
+    for flag in reversed(flags):
+        if not flag:
+            break
+        count += 1
+    return count
 
 
 def _strip_after_eos(text: str, eos: str | None) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftkit.data.encode import Example, finish_example, tokenize_conversation
+from ftkit.data.encode import Example, append_eos, finish_example, left_cut, tokenize_conversation
 from ftkit.errors import DataError
 
 FIELDS = "prompt, chosen, rejected (strings or message lists; optional: system)"
@@ -62,12 +62,17 @@ def pair_messages(row: dict, source: str) -> tuple[list[dict[str, str]], str, st
 def encode_pair(row: dict, source: str, tokenizer: Any, max_length: int) -> tuple[PreferencePair, bool]:
     """(pair, was either side truncated) for one row; DataError naming `source` on a bad pair."""
     prompt, chosen, rejected = pair_messages(row, source)
+    encoded = []
+    for answer in (chosen, rejected):
+        ids, trained = tokenize_conversation([*prompt, {"role": "assistant", "content": answer}], tokenizer, source,
+                                             last_turn_only=True)  # fmt: skip
+        append_eos(ids, trained, tokenizer)
+        encoded.append((ids, trained))
+    drop = left_cut([trained for _, trained in encoded], max_length)  # the shared prompt cut alike on both sides
     sides = []
     truncated = False
-    for side, answer in (("chosen", chosen), ("rejected", rejected)):
-        messages = [*prompt, {"role": "assistant", "content": answer}]
-        ids, trained = tokenize_conversation(messages, tokenizer, source, last_turn_only=True)
-        example, cut = finish_example(ids, trained, f"{source} ({side})", tokenizer, max_length)
+    for side, (ids, trained) in zip(("chosen", "rejected"), encoded, strict=True):
+        example, cut = finish_example(ids, trained, f"{source} ({side})", tokenizer, max_length, drop)
         example.source = source
         sides.append(example)
         truncated |= cut

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.distributed import DistributedError
+from ftkit.io import messages
 
 #: set by torchrun / accelerate launch in every process they start
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
@@ -115,13 +115,13 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         reports = [json.loads(path.read_text()) for path in sorted(failures.glob("rank-*.json"))]
         if reports:
             first = min(reports, key=lambda report: report["time"])
-            print(first["message"], file=sys.stderr)
+            print(first["message"], file=messages())
             return int(first["exit_code"])
         failed_rank, failure = err.get_first_failure()
         if failure.exitcode < 0:
-            print(f"error: process {failed_rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
+            print(f"error: process {failed_rank} was killed by signal {-failure.exitcode}", file=messages())
             return 128 - failure.exitcode
-        print(f"error: process {failed_rank} exited with code {failure.exitcode}", file=sys.stderr)
+        print(f"error: process {failed_rank} exited with code {failure.exitcode}", file=messages())
         return failure.exitcode
     except KeyboardInterrupt:
         return 130

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from ftkit.errors import ModelError
+from ftkit.io import messages
 from ftkit.methods import lora
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import LoraDropConfig
@@ -73,7 +73,7 @@ def apply(model: Any, config: LoraDropConfig, run: RunInfo) -> Any:
         }
         if run.run_dir is not None:
             _write_json(Path(run.run_dir) / RECORD, record)
-        print(_summary(record), file=sys.stderr, flush=True)
+        print(_summary(record), file=messages(), flush=True)
     else:
         return model
     share_adapters(layers, kept)

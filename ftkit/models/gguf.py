@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from ftkit.errors import ModelError
-from ftkit.io import file_sha256
+from ftkit.io import file_sha256, messages
 from ftkit.models.builtin import is_packaged, packaged_file
 from ftkit.recipe.schema import ModelSection
 
@@ -115,7 +114,7 @@ def converted_model_dir(path: Path, cache: Path | None = None) -> Path:
             f"it reads: {', '.join(supported_architectures())}"
         )
     entry.parent.mkdir(parents=True, exist_ok=True)
-    print(f"converting {path.name} (GGUF, {arch}) to a plain model in {entry} (once per file)", file=sys.stderr)
+    print(f"converting {path.name} (GGUF, {arch}) to a plain model in {entry} (once per file)", file=messages())
     staging = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _convert(path, staging)
@@ -137,6 +136,15 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     """The file's sha256, hashed once per process for one (path, size, mtime): a run resolves its
     model section several times (tokenizer, config check, weights) and the file is ~100 MB."""
     return file_sha256(path)
+
+
+def converted_sha256(folder: str | Path) -> str | None:
+    """The GGUF file's sha256 when `folder` is one of ftkit's converted cache entries, else None:
+    two entries with the same sha256 hold the same model (e.g. under two $FTKIT_CACHE roots)."""
+    try:
+        return json.loads((Path(folder).expanduser() / MARKER).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_entry(entry: Path, sha256: str) -> None:

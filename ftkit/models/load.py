@@ -9,7 +9,6 @@ users work exactly as for a hub model.
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from ftkit.errors import ModelError
+from ftkit.io import messages
 from ftkit.models import hf_files
 from ftkit.models.builtin import build_byte_tokenizer, builtin_config, is_builtin, label_config, materialize_builtin
 from ftkit.models.gguf import local_model
@@ -179,7 +179,7 @@ def build_model(
     check_attention(cfg, device_type)
     kwargs = _load_kwargs(cfg, device_type)
     if cfg.trust_remote_code:
-        print(f"warning: model.trust_remote_code is true: running code shipped with {source}", file=sys.stderr)
+        print(f"warning: model.trust_remote_code is true: running code shipped with {source}", file=messages())
     try:
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model_copy(update={"name": source}))

@@ -23,7 +23,6 @@ the model class its config.json names (`*ForSequenceClassification`).
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ import torch
 from peft import PeftModel
 
 from ftkit.errors import ModelError, RunDirError
+from ftkit.io import messages
 from ftkit.models import load as loading
 from ftkit.models.builtin import is_builtin
-from ftkit.models.gguf import local_model
+from ftkit.models.gguf import converted_sha256, local_model
 from ftkit.models.hf_files import (
     adapter_base,
     adapter_task_type,
@@ -171,7 +171,11 @@ def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | N
             if not same_model(base, trained_base):
                 _note(f"note: using --base {base}; the run trained on {trained_base}")
             target.base = base
-        elif recorded is not None and not same_model(recorded, trained_base) and not _moved(run_dir, recorded):
+        elif (
+            recorded is not None
+            and not same_model(recorded, trained_base)
+            and not _moved(run_dir, recorded, trained_base)
+        ):
             raise ModelError(
                 f"{weights}/adapter_config.json: base_model_name_or_path is {recorded}, but the run's recipe "
                 f"trained on {trained_base}; pass --base with the one to use"
@@ -194,13 +198,16 @@ def _trained_base(run_dir: Path, model: ModelSection) -> str:
     return local_model(model).name
 
 
-def _moved(run_dir: Path, recorded: str) -> bool:
+def _moved(run_dir: Path, recorded: str, trained_base: str) -> bool:
     """True when the base an adapter records is a path that no longer leads to the run's base: the
     run was copied or moved (its own base/ is authoritative), or the converted GGUF lives elsewhere
     on this machine (the file's sha256 names the right one). An adapter whose recorded base is
     another model that exists is not explained by a move, and stays ambiguous."""
     recorded_path = Path(recorded).expanduser()
-    return not recorded_path.exists() or recorded_path.name == BASE and (run_dir / BASE).is_dir()
+    if not recorded_path.exists() or recorded_path.name == BASE and (run_dir / BASE).is_dir():
+        return True
+    sha256 = converted_sha256(recorded_path)
+    return sha256 is not None and sha256 == converted_sha256(trained_base)
 
 
 def _run_weights(run_dir: Path, checkpoint: str | None) -> tuple[Path, str]:
@@ -238,7 +245,7 @@ def _check_base_exists(base: str | None, cited: str) -> None:
 
 
 def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(message, file=messages())
 
 
 def device_type() -> str:

@@ -198,6 +198,12 @@ class TrainSection(Section):
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (newest); the best by val_loss is kept too.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get every metrics line (accelerate's tracker API), each an "
+        "optional extra (pip install 'ftkit[tensorboard]'); files under RUN/logs/. W&B follows WANDB_MODE "
+        "(offline keeps it local); MLflow follows MLFLOW_TRACKING_URI, else a file store in RUN/logs/mlruns.",
+    )
     seed: int = Field(42, description="Seed for initialisation, data order, dropout and the val split.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",

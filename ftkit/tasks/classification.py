@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +41,7 @@ import torch
 
 from ftkit.data.classification import ClassExample, encode_text, text_of
 from ftkit.errors import ArgumentError
+from ftkit.io import messages
 from ftkit.models.target import Target, load_model
 from ftkit.recipe.schema import Recipe
 from ftkit.rundir import LABELS
@@ -294,7 +294,7 @@ class ClassificationTask:
         """
         labels = target.known_labels()
         print(
-            f"note: {target.spec} is a classifier ({', '.join(labels)}): predicting a label per text", file=sys.stderr
+            f"note: {target.spec} is a classifier ({', '.join(labels)}): predicting a label per text", file=messages()
         )
         max_length = target.recipe.data.max_length if target.recipe is not None else 1024
         texts = [text_of(item, inputs.source(i)) if inputs.is_jsonl else item for i, item in enumerate(inputs.items)]

@@ -18,7 +18,6 @@ LoRA-adapted head, prompt-learning adapters, a distributed wrapper).
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Any
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from peft.utils import ModulesToSaveWrapper
 
 from ftkit.errors import ModelError
+from ftkit.io import messages
 
 IGNORE = -100
 
@@ -181,7 +181,7 @@ class CausalLMLoss:
         if key not in self.fallback_reason:
             reason = _why_not_chunked(model) or _probe(model, inputs)
             if reason is not None:
-                print(f"note: loss computed from the model's full logits: {reason}", file=sys.stderr)
+                print(f"note: loss computed from the model's full logits: {reason}", file=messages())
             self.fallback_reason[key] = reason
         return self.fallback_reason[key]
 

@@ -32,7 +32,7 @@ from ftkit.train.checkpoint import DISK_FULL, disk_full_error, save_weights
 from ftkit.train.checkpointer import Checkpointer, assert_finite
 from ftkit.train.facts import run_facts
 from ftkit.train.loop import TrainState
-from ftkit.train.progress import log_to_stderr
+from ftkit.train.progress import duration, human, log_to_stderr
 from ftkit.train.setup import Inputs, Trainable
 from ftkit.train.signals import StopSignals, exit_code
 
@@ -180,7 +180,7 @@ class Outcome:
     def done(self) -> str:
         """The run's last line."""
         loss, val_loss = self.summary.get("final_loss"), self.summary.get("final_val_loss")
-        return f"done in {self.wall_s:.0f}s · loss {loss} · val_loss {val_loss} · {self.run_dir}"
+        return f"done in {duration(self.wall_s)} · loss {human(loss)} · val_loss {human(val_loss)} · {self.run_dir}"
 
     def _translated(self, err: BaseException) -> ResourceError | None:
         """The one-line error for an out-of-memory or full-disk failure; None for any other."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ftkit.errors import DataError, ModelError, ResourceError, RunDirError
+from ftkit.io import messages
 from ftkit.rundir import RECIPE, RUN_ENTRIES, is_eval_file
 
 
@@ -76,7 +76,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, lock: RunLock) -> bool:
         )
     foreign = [name for name in existing if name not in RUN_ENTRIES and not is_eval_file(name)]
     if existing and foreign:
-        print(f"note: --overwrite keeps files ftkit did not make in {run_dir}: {', '.join(foreign)}", file=sys.stderr)
+        print(f"note: --overwrite keeps files ftkit did not make in {run_dir}: {', '.join(foreign)}", file=messages())
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock.acquire()

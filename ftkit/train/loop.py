@@ -53,7 +53,8 @@ class Hooks:
     still there (AdaLoRA scores importance from them); `after_step` once the step is complete.
     """
 
-    log: Callable[[dict], None] = lambda record: None
+    log: Callable[[dict], None] = lambda record: None  # logged records (every log_every steps, evals, events)
+    progress: Callable[[dict], None] = lambda record: None  # every step's record, for the progress display
     checkpoint: Callable[[TrainState], None] = lambda state: None
     before_zero_grad: Sequence[Callable[[int], None]] = ()  # method hooks that need the step's gradients
     after_step: Sequence[Callable[[int], None]] = ()  # per-step method hooks (e.g. AdaLoRA's budget update)
@@ -207,21 +208,21 @@ def train_loop(
                     "skipped": f"fp16 overflow; loss scale now {accelerator.scaler.get_scale():g}",
                 }
             )
-        elif state.step % cfg.log_every == 0 or state.step == total_steps:
-            hooks.log(
-                {
-                    "step": state.step,
-                    "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
-                    "loss": loss_sum,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": input_tokens,
-                    "units": window_units,
-                    "tokens_per_s": input_tokens / max(elapsed, 1e-9),
-                    "mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                }
-                | metric_sums
-            )
+        else:
+            record = {
+                "step": state.step,
+                "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": input_tokens,
+                "units": window_units,
+                "tokens_per_s": input_tokens / max(elapsed, 1e-9),
+                "mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            } | metric_sums
+            hooks.progress(record)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                hooks.log(record)
         is_last = state.step == total_steps
         if val_examples and ((cfg.eval_every and state.step % cfg.eval_every == 0) or is_last):
             val = evaluate(model, val_examples, cfg.batch_size, pad_id, accelerator.device, objective, accelerator)

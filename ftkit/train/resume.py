@@ -73,6 +73,7 @@ CADENCE_KEYS = frozenset(
         "train.samples",
         "train.on_nonfinite",
         "train.max_skips",
+        "train.report_to",
     }
 )
 #: data files are compared by content (sha256): a moved file with the same bytes is the same data

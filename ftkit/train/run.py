@@ -19,13 +19,14 @@ from ftkit.recipe.schema import Recipe
 from ftkit.rundir import METRICS
 from ftkit.tasks import task_for
 from ftkit.train import resume as resuming
-from ftkit.train import setup
+from ftkit.train import setup, trackers
 from ftkit.train.checkpointer import Checkpointer
 from ftkit.train.finish import Outcome, finish
 from ftkit.train.lock import RunLock, removed_on_refusal
 from ftkit.train.loop import Hooks, train_loop
 from ftkit.train.progress import Records, WallClock, log_to_stderr, no_log
 from ftkit.train.signals import StopSignals
+from ftkit.train.trackers import Trackers
 
 
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | Path = False) -> dict:
@@ -37,6 +38,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
     if resume and overwrite:
         raise RunDirError("--resume continues a run and --overwrite replaces it; give one of them")
     run_dir, cfg = Path(recipe.output_dir), recipe.train
+    trackers.check_installed(cfg.report_to)  # a missing extra must not leave a run directory behind
     started = time.perf_counter()
     accelerator = setup.start_accelerator(recipe)
     is_main = accelerator.is_main_process  # with N processes only the main one writes the run directory
@@ -60,9 +62,13 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
         state = setup.restored_state(accelerator, start, trainable, inputs.total_steps, log)
 
         stop = StopSignals()
-        with Records(run_dir / METRICS if is_main else None, inputs.total_steps, state.step) as records:
+        tracking = (
+            Trackers(cfg.report_to, run_dir, recipe.model_dump(mode="json")) if is_main and cfg.report_to else None
+        )
+        with Records(run_dir / METRICS if is_main else None, inputs.total_steps, state.step, tracking) as records:
             hooks = Hooks(
                 log=records.log,
+                progress=records.step,
                 checkpoint=checkpointer.save,
                 should_stop=stop.should_stop,
                 before_zero_grad=trainable.hooks.before_zero_grad,

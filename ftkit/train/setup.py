@@ -17,7 +17,6 @@ before the method is applied), which is what lets a resumed run equal an uninter
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ftkit.data import Splits, load_splits
 from ftkit.data.packing import pack_examples
 from ftkit.distributed import collectives, engines
 from ftkit.errors import ModelError
+from ftkit.io import attach_library_log, messages
 from ftkit.methods import MethodHooks, RunInfo, get_method
 from ftkit.models.builtin import is_builtin
 from ftkit.models.load import (
@@ -44,7 +44,7 @@ from ftkit.models.load import (
 from ftkit.plan import memory_warning
 from ftkit.recipe import dump_recipe
 from ftkit.recipe.schema import ModelSection, Recipe
-from ftkit.rundir import BASE, RECIPE
+from ftkit.rundir import BASE, LIBRARIES_LOG, RECIPE
 from ftkit.tasks import Task
 from ftkit.tasks.losses import check_kernels
 from ftkit.tasks.objective import Regularized
@@ -98,7 +98,7 @@ def warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
     capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     warning = memory_warning(recipe, capacity)
     if warning:
-        print(warning, file=sys.stderr)
+        print(warning, file=messages())
 
 
 def check_model(recipe: Recipe, inputs: Inputs, accelerator: Any) -> tuple[Any, dict]:
@@ -163,6 +163,7 @@ def open_run_dir(
     elif is_main:
         start = RunStart(created=prepare_run_dir(run_dir, overwrite, lock))
     if is_main:
+        attach_library_log(run_dir / LIBRARIES_LOG)
         (run_dir / RECIPE).write_text(dump_recipe(recipe))
     return start
 

@@ -196,8 +196,8 @@ def test_run_dir_holds_no_pickle_and_no_token(tmp_path, tiny_data, monkeypatch):
     assert code == 143
     code, err, _ = train(tmp_path, tiny_data, "safe", "--resume")
     assert code == 0 and token not in err
-    # .jinja is the chat template transformers writes next to the tokenizer (plain text)
-    allowed = {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".png", ".jinja"}
+    # .jinja is the chat template transformers writes next to the tokenizer, .log logs/libraries.log (plain text)
+    allowed = {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".png", ".jinja", ".log"}
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} <= allowed
     for path in files:

@@ -43,7 +43,7 @@ def test_packed_offloaded_run_learns_and_reports_speed(tmp_path, tiny_data):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_readme_plan_commands_run(monkeypatch):
+def test_readme_plan_commands_run(smollm2, monkeypatch):
     """The README's `ftkit plan` lines, as written (the quickstart recipe on a 4090 and an H100)."""
     monkeypatch.chdir(ROOT)
     code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "4090")

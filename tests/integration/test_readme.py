@@ -25,6 +25,15 @@ def blocks(lang: str) -> list[str]:
     return found
 
 
+def short_val(tmp_path: Path, rows: int = 8) -> Path:
+    """The first `rows` of the quickstart's val set: the README's commands on fewer rows (all 100 on the
+    real model would dominate the suite's time)."""
+    lines = (README.parent / "data" / "quickstart" / "val.jsonl").read_text().splitlines(keepends=True)
+    path = tmp_path / "quickstart-val.jsonl"
+    path.write_text("".join(lines[:rows]))
+    return path
+
+
 def test_bad_recipe_example_prints_what_readme_shows(tmp_path, monkeypatch):
     bad = next(b for b in blocks("yaml") if "lerning_rate" in b)
     shown = next(b for b in blocks("") if b.startswith("$ ftkit validate bad.yaml"))
@@ -35,12 +44,13 @@ def test_bad_recipe_example_prints_what_readme_shows(tmp_path, monkeypatch):
     assert err.strip().splitlines() == shown.strip().splitlines()[1:]
 
 
-def test_quickstart_commands_run(tmp_path, monkeypatch):
-    """`ftkit validate / train / report` on the shipped quickstart (a few steps only)."""
+def test_quickstart_commands_run(smollm2, tmp_path, monkeypatch):
+    """`ftkit validate / train / report` on the shipped quickstart (the packaged SmolLM2; a few steps,
+    8 val rows)."""
     root = README.parent
     monkeypatch.chdir(root)
     code, out, _ = run_cli("validate", "recipes/quickstart.yaml")
-    assert code == 0 and "builtin:tiny-llama" in out
+    assert code == 0 and "builtin:smollm2-135m" in out
     run_dir = tmp_path / "quickstart"
     code, out, err = run_cli(
         "train",
@@ -49,6 +59,8 @@ def test_quickstart_commands_run(tmp_path, monkeypatch):
         "train.max_steps=3",
         "--set",
         "train.samples=1",
+        "--set",
+        f"data.val={short_val(tmp_path)}",
         "--output-dir",
         str(run_dir),
     )

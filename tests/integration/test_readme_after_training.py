@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from tests.integration.test_readme import README, blocks
+from tests.integration.test_readme import README, blocks, short_val
 from tests.support.helpers import run_cli
 
 
@@ -17,11 +17,12 @@ def after_training_commands() -> list[list[str]]:
     return [words[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-def test_after_training_commands_run(tmp_path, monkeypatch):
+def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
+    """On the real quickstart (SmolLM2), two steps, 8 val rows."""
     monkeypatch.chdir(README.parent)
     run = tmp_path / "quickstart"
     code, _, err = run_cli("train", "recipes/quickstart.yaml", "--set", "train.max_steps=2", "--set",
-                           "train.samples=0", "--output-dir", str(run))  # fmt: skip
+                           "train.samples=0", "--set", f"data.val={short_val(tmp_path)}", "--output-dir", str(run))  # fmt: skip
     assert code == 0, err
     ran = set()
     for command in after_training_commands():
@@ -33,8 +34,11 @@ def test_after_training_commands_run(tmp_path, monkeypatch):
             args += ["--max-samples", "4"]  # the command as written, on 4 of the 100 val rows
         if args[0] == "generate":
             args += ["--max-new-tokens", "16"]
+        if args[0] == "export":
+            args += ["--samples", "4"]
         code, out, err = run_cli(*args)
         assert code == 0, (args, err)
         ran.add(args[0])
-    assert ran == {"eval", "generate", "merge"}
+    assert ran == {"eval", "generate", "merge", "export"}
     assert json.loads((tmp_path / "merged" / "quickstart" / "merge_report.json").read_text())["merge"]["passed"]
+    assert (tmp_path / "merged" / "quickstart.gguf").read_bytes()[:4] == b"GGUF"

@@ -118,6 +118,14 @@ def test_alpaca_masks_train_exactly_the_answer_and_its_end_of_turn(smollm2):
     assert example.input_ids[:2] != [tokenizer.bos_token_id] * 2
     assert tokenizer.decode(example.input_ids).startswith("<|im_start|>system\n")
 
+    # truncation keeps the end-of-turn: a prompt too long for max_length loses its start, the answer stays whole
+    long_row = {**row, "input": "A long review of the game. " * 40 + row["input"]}
+    example, truncated = encode_row(long_row, "row:2", "alpaca", tokenizer, 96, False)
+    trained = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    assert truncated and len(example.input_ids) == 96 and example.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained) == row["output"] + "<|im_end|>"
+    assert tokenizer.decode(example.input_ids).endswith("in 2009.<|im_end|>\n<|im_start|>assistant\n" + row["output"] + "<|im_end|>")
+
 
 def test_bad_gguf_inputs_are_one_line_errors(tmp_path, monkeypatch):
     from ftkit.models import builtin

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.integration.test_readme import short_val
 from tests.support.faults import injected
 from tests.support.helpers import run_cli
 from tests.support.resume_helpers import (
@@ -227,12 +228,13 @@ def test_damaged_or_finished_runs_are_not_resumed(tmp_path, tiny_data):
     assert code == 2 and "has finished" in err
 
 
-def test_readme_stop_and_resume_commands(tmp_path, monkeypatch):
-    """The README's three commands on the shipped quickstart, shortened to 3 steps."""
+def test_readme_stop_and_resume_commands(smollm2, tmp_path, monkeypatch):
+    """The README's three commands on the shipped quickstart (the real SmolLM2), shortened to 3 steps
+    of 4 rows and 8 val rows."""
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "quickstart"
     shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0", "batch_size=4")]
-    common = [*shorter, "--output-dir", str(run_dir)]
+    common = [*shorter, f"--set=data.val={short_val(tmp_path)}", "--output-dir", str(run_dir)]
     with injected("sigint@step:2"):  # the user's Ctrl-C after step 2
         code, out, err = run_cli("train", "recipes/quickstart.yaml", *common)
     assert code == 130 and out == "", err

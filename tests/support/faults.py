@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftkit.io import messages
 from ftkit.train import faults
 from ftkit.train.faults import POINTS
 
@@ -68,8 +68,9 @@ def fire(action: str, where: str) -> None:
         # os.kill(getpid()) may land on a busy worker thread and arrive a step late under load
         signal.raise_signal(signal.SIGINT if action == "sigint" else signal.SIGTERM)
     elif action == "stall":
-        sys.stderr.write(f"ftkit-test-fault: stalled at {where}\n")
-        sys.stderr.flush()
+        # ftkit's stderr (sys.stderr is the library log while a command runs)
+        messages().write(f"ftkit-test-fault: stalled at {where}\n")
+        messages().flush()
         time.sleep(60)
     else:
         raise RuntimeError(f"injected fault at {where}")

@@ -153,10 +153,20 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, fmt, message):
 
 
 def test_truncation_that_removes_the_answer_says_how_to_fix(tmp_path, tok):
-    row = {"instruction": "x" * 40, "output": "answer"}
+    row = {"instruction": "x" * 40, "output": "a much longer answer"}  # the answer alone exceeds max_length
     path = write_jsonl(tmp_path / "train.jsonl", [row])
     with pytest.raises(DataError, match=r"train\.jsonl:1: .*raise data\.max_length \(now 16\) or shorten the prompt"):
         load_splits(DataSection(train=path, max_length=16), tok, seed=0)
+
+
+def test_a_long_prompt_is_cut_from_its_start_so_the_answer_and_its_eos_stay_whole(tmp_path, tok):
+    row = {"instruction": "x" * 40, "output": "answer"}
+    splits = load_splits(DataSection(train=write_jsonl(tmp_path / "t.jsonl", [row]), max_length=16), tok, seed=0)
+    (example,) = splits.train
+    assert len(example.input_ids) == 16 and example.input_ids[-1] == tok.eos_token_id
+    trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
+    assert tok.decode(trained) == "answer" + tok.eos_token
+    assert example.labels[0] == -100 and splits.stats["truncated_train"] == 1
 
 
 def test_truncation_keeps_the_left_and_is_counted(tmp_path, tok):

@@ -119,10 +119,19 @@ def test_bad_pairs_name_file_and_line(tmp_path, tok, row, message):
 
 
 def test_pair_truncated_to_no_answer_tokens_is_an_error_naming_the_side(tmp_path, tok):
-    long_prompt = {**PAIR, "prompt": "p" * 20}
-    # PAIR fits 14 tokens exactly; here the prompt alone fills them, so no answer token is left
+    long_prompt = {**PAIR, "prompt": "p" * 20, "chosen": "c" * 20}
+    # the chosen answer alone exceeds 14 tokens, so the pair is cut at its end and the prompt fills them
     with pytest.raises(DataError, match=r"train\.jsonl:2 \(chosen\): no answer tokens left after truncation"):
         load_pairs(tmp_path, tok, [PAIR, long_prompt], max_length=14)
+
+
+def test_a_long_prompt_is_cut_alike_on_both_sides_and_both_answers_keep_their_eos(tmp_path, tok):
+    row = {"prompt": "p" * 30, "chosen": "yes", "rejected": "no, never"}
+    pair = load_pairs(tmp_path, tok, [PAIR, row], max_length=20)[1]
+    assert len(pair.rejected.input_ids) == 20 and len(pair.chosen.input_ids) < 20  # the longer side sets the cut
+    prompt_len = [len(side.input_ids) - sum(label != -100 for label in side.labels) for side in (pair.chosen, pair.rejected)]
+    assert pair.chosen.input_ids[: prompt_len[0]] == pair.rejected.input_ids[: prompt_len[1]]  # one prompt
+    assert trained(tok, pair.chosen) == "yes" + tok.eos_token and trained(tok, pair.rejected) == "no, never" + tok.eos_token
 
 
 def test_truncated_pairs_are_counted(tmp_path, tok):

@@ -14,7 +14,6 @@ loss, rewards/chosen, rewards/rejected, rewards/accuracy, rewards/margin, logps/
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from ftkit.data import PreferencePair
 from ftkit.data.splits import sequences
+from ftkit.io import messages
 from ftkit.models.target import Target, device_type, load_model
 from ftkit.recipe.schema import PREFERENCE_OBJECTIVES, ObjectiveSection, Recipe
 from ftkit.tasks.causal_lm import SFT, CausalLMTask, text_fields
@@ -77,7 +77,7 @@ def prepare_objective(
             print(
                 f"note: {recipe.method.name} does not start at the base model (virtual tokens or a "
                 "decomposed base), so the reference log-probs are precomputed from the initial policy",
-                file=sys.stderr,
+                file=messages(),
             )
             precompute = True
         if precompute:
@@ -92,7 +92,7 @@ def prepare_objective(
             save_reference_logps(run_dir, tensors)
             print(
                 f"reference log-probs of {len(splits.train) + len(splits.val)} pairs → {REFERENCE_FILE}",
-                file=sys.stderr,
+                file=messages(),
             )
             reference = Precomputed()
         else:
@@ -169,7 +169,7 @@ def evaluate_pairs(
         objective = ObjectiveSection(name="dpo")
         print(
             f"note: {target.spec} was not trained with a preference objective; scoring dpo with beta {objective.beta}",
-            file=sys.stderr,
+            file=messages(),
         )
     pairs = evalset.examples
     stored = target.run_dir is not None and (target.run_dir / REFERENCE_FILE).is_file()
