@@ -8,7 +8,8 @@ trainable parameters are exact for every registered method. Memory is the sum of
                  weight of a linear layer (64-weight blocks; fp32 absmax = 4/64 B, or with
                  double quantization 8-bit absmax + fp32 per 256 blocks = 1/64 + 4/16384 B);
                  embeddings, head and norms stay 16-bit (ftkit does not upcast them).
-                 Trainable weights in their own dtype: peft keeps adapters in fp32.
+                 Trained weights as `train.master_weights` keeps them (`trained_bytes_per_param`):
+                 on a 16-bit model fp32 masters by default (4 B + the 2 B copy autocast computes with).
     gradients    one per trainable weight, in its dtype.
     optimizer    AdamW: two states in the weight's dtype (8 B/param for fp32 weights);
                  bitsandbytes 8-bit: 2 B/param (+ blockwise constants); paged: the same
@@ -54,12 +55,11 @@ import torch
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
-from transformers import AutoModelForCausalLM
 
 from ftkit.distributed.launch import world_size
 from ftkit.errors import FtkitError
 from ftkit.methods import get_method
-from ftkit.models.load import load_model_config
+from ftkit.models.load import load_model_config, skeleton
 from ftkit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -135,6 +135,8 @@ class Plan:
     #: with several processes or a sharding strategy: per-GPU memory (bytes), CPU RAM for offload,
     #: the strategy in words, and whether it fits; None for plain one-GPU training
     per_gpu: dict[str, Any] | None = None
+    #: bytes per trained parameter: weights (+ master copy / compensation), gradients, optimizer, total
+    trained_bytes_per_param: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,7 +188,7 @@ def estimate(
     quant = recipe.model.quantization
     mixed = recipe.train.mixed_precision != "no" and (recipe.train.mixed_precision != "auto" or spec.has_bf16)
     act_bytes = 2 if (dtype_bytes == 2 or mixed) else 4  # activations in the autocast / weight dtype
-    trainable_bytes = counts["trainable_bytes_per_param"] or dtype_bytes
+    trained = trained_bytes_per_param(recipe.train.master_weights, dtype_bytes, recipe.train.optimizer)
 
     frozen = counts["total"] - counts["trainable"]
     if quant is not None:
@@ -194,9 +196,9 @@ def estimate(
         weights = quantized * NF4_BYTES[quant.double_quant] + (frozen - quantized) * act_bytes
     else:
         weights = frozen * dtype_bytes
-    weights += counts["trainable"] * trainable_bytes
-    gradients = counts["trainable"] * trainable_bytes
-    optimizer = counts["trainable"] * _optimizer_bytes(recipe.train.optimizer, trainable_bytes)
+    weights += counts["trainable"] * trained["weights"]
+    gradients = counts["trainable"] * trained["gradients"]
+    optimizer = counts["trainable"] * trained["optimizer"]
 
     batch, length = recipe.train.batch_size, recipe.data.max_length
     tokens = batch * length
@@ -250,6 +252,7 @@ def estimate(
     ]
     if recipe.train.optimizer.startswith("paged"):
         notes.append("paged optimizer states may move to CPU memory under pressure")
+    notes.append(f"trained weights ({trained['choice']}): {trained['explained']} per parameter")
     if recipe.data.packing or chunk is not None:
         notes.append("logits: only positions with a label are computed; completion-only training needs less")
     if processes > 1:
@@ -287,6 +290,7 @@ def estimate(
         },
         processes=processes,
         per_gpu=per_gpu,
+        trained_bytes_per_param=trained,
     )
 
 
@@ -491,7 +495,7 @@ def _meta_model(config: Any, recipe: Recipe) -> Any:
     # the method decides what trains; inside the meta context peft builds (and "initialises")
     # its adapters without memory or compute too
     with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = skeleton(config, recipe.model.trust_remote_code)
         return get_method(recipe.method.name).apply(model, recipe.method)
 
 
@@ -500,7 +504,6 @@ def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
     linear weights (what 4-bit quantizes) and the largest of them, input features feeding
     adapters (all layers)."""
     total = trainable = matmul = matmul_trainable = linear_frozen = largest = adapted_inputs = 0
-    trainable_dtypes = set()
     head = model.get_output_embeddings()
     seen = set()
     for param in model.parameters():
@@ -510,7 +513,6 @@ def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
-            trainable_dtypes.add(param.dtype)
     head_names = [name for name, module in model.named_modules() if head is not None and module is head]
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -525,8 +527,6 @@ def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
             largest = max(largest, n)
         if name.endswith("lora_A.default"):
             adapted_inputs += module.in_features
-    bytes_per = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-    trainable_bytes = max((bytes_per.get(d, 4) for d in trainable_dtypes), default=0)
     return {
         "total": total,
         "trainable": trainable,
@@ -535,13 +535,7 @@ def _parameter_counts(model: Any, config: Any) -> dict[str, Any]:
         "linear_frozen": linear_frozen,
         "largest_linear": largest,
         "adapted_inputs": adapted_inputs,
-        "trainable_bytes_per_param": trainable_bytes if _keeps_fp32(model) else 0,
     }
-
-
-def _keeps_fp32(model: Any) -> bool:
-    """peft keeps adapter weights in fp32 whatever the base dtype (autocast_adapter_dtype)."""
-    return hasattr(model, "peft_config")
 
 
 def _shape(config: Any) -> dict[str, int]:
@@ -567,6 +561,37 @@ def _weight_bytes(dtype: str, spec: Gpu) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def trained_bytes_per_param(choice: str, dtype_bytes: int, optimizer: str) -> dict[str, Any]:
+    """Bytes each trained parameter holds, by `train.master_weights` (ftkit.train.precision):
+
+    weights 4 B (fp32):  4 weight + 4 gradient + optimizer states in fp32 (whatever the choice)
+    16-bit, fp32         4 master + 2 bf16 copy autocast makes for the matmuls, 4 gradient, states in fp32
+    16-bit, kahan        2 weight + 2 compensation, 2 gradient, AdamW's moments in fp32 (8)
+    16-bit, none         2 weight, 2 gradient, states in the weight's dtype (torch AdamW: 4)
+    """
+    if dtype_bytes == 4:
+        choice, weights, gradients, states = "float32 model", 4.0, 4.0, _optimizer_bytes(optimizer, 4)
+        explained = f"4 weight + 4 gradient + {states:g} {optimizer}"
+    elif choice == "fp32":
+        weights, gradients, states = 6.0, 4.0, _optimizer_bytes(optimizer, 4)
+        explained = f"4 fp32 master + 2 16-bit copy + 4 gradient + {states:g} {optimizer}"
+    elif choice == "kahan":
+        weights, gradients, states = 4.0, 2.0, 8.0
+        explained = "2 weight + 2 compensation + 2 gradient + 8 AdamW (fp32 moments)"
+    else:
+        weights, gradients, states = 2.0, 2.0, _optimizer_bytes(optimizer, 2)
+        explained = f"2 weight + 2 gradient + {states:g} {optimizer}"
+    total = weights + gradients + states
+    return {
+        "choice": f"master_weights {choice}" if dtype_bytes == 2 else choice,
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": states,
+        "total": total,
+        "explained": f"{explained} = {total:g} B",
+    }
+
+
 def _optimizer_bytes(name: str, param_bytes: int) -> float:
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         return OPTIMIZER_BYTES_8BIT
@@ -576,13 +601,13 @@ def _optimizer_bytes(name: str, param_bytes: int) -> float:
 
 
 def _steps(recipe: Recipe, n_examples: int | None, processes: int = 1) -> int | None:
-    """Optimizer steps; N processes take global micro-batches of N × batch_size."""
+    """Optimizer steps: an epoch is ceil(examples / (batch_size × grad_accum × N)) steps (ftkit.train.loop)."""
     cfg = recipe.train
     if cfg.max_steps is not None:
         return cfg.max_steps
     if n_examples is None:
         return None
-    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / (cfg.batch_size * processes)) / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * processes))))
 
 
 def _gpu(name: str | None) -> Gpu:

@@ -1,7 +1,8 @@
 """Data: load (sources) → format (formats) → tokenize + loss mask (encode) → batches.
 
 load_splits(recipe.data, tokenizer, seed) -> Splits(train, val, stats)
-batch_order(lengths, batch_size, seed, epoch) -> [[index, ...], ...]
+batch_order(lengths, step_size, seed, epoch) -> [[index, ...], ...]   the optimizer steps of an epoch
+split_step(step, micro_size) -> [[index, ...], ...]                  a step's micro-batches
 collate(examples, pad_id) -> {input_ids, attention_mask, labels}
 PreferencePair(chosen, rejected, source)     a `preference` row: two Examples sharing the prompt
 ClassExample(input_ids, label, source)       a `classification` row: token ids and a class id
@@ -9,7 +10,7 @@ render_prompt(row, format, tokenizer) -> (prompt, reference)   for generation an
 read_rows(path) -> [(row, "path:line"), ...]
 """
 
-from ftkit.data.batches import batch_order, collate
+from ftkit.data.batches import batch_order, collate, micro_batch_order, split_step
 from ftkit.data.classification import ClassExample
 from ftkit.data.encode import Example
 from ftkit.data.preference import PreferencePair
@@ -25,6 +26,8 @@ __all__ = [
     "batch_order",
     "collate",
     "load_splits",
+    "micro_batch_order",
     "read_rows",
     "render_prompt",
+    "split_step",
 ]

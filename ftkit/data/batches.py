@@ -1,4 +1,11 @@
-"""Examples → batches: a seeded, length-grouped order, and right-padding collation."""
+"""Examples → batches: a seeded, length-grouped order of optimizer steps, their micro-batches, and
+right-padding collation.
+
+The data order is a pure function of (lengths, seed, epoch, examples per optimizer step): each
+step's examples are chosen first (`batch_order` with the step's size), then cut into micro-batches
+(`split_step`). So `batch_size 4 × grad_accum 1`, `2 × 2`, `1 × 4` and 2 processes × batch_size 2
+train on the same examples in every step, and only the micro-batch (memory) changes.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ def batch_order(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
 ) -> list[list[int]]:
     """The batches of one epoch as lists of example indices; a pure function of (lengths, batch_size, seed, epoch).
+
+    The loop calls it with batch_size = the examples of one optimizer step (batch_size ×
+    grad_accum × processes) and splits each into micro-batches (`split_step`).
 
     1. permute all indices with random.Random seeded from (seed, epoch);
     2. cut the permutation into windows of 64 * batch_size and sort each window by length,
@@ -38,6 +48,20 @@ def batch_order(
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def split_step(step: Sequence[int], micro_size: int) -> list[list[int]]:
+    """A step's examples (longest first when grouped by length) as consecutive micro-batches of
+    `micro_size` (the last may be smaller: the last step of an epoch can be short)."""
+    return [list(step[i : i + micro_size]) for i in range(0, len(step), micro_size)]
+
+
+def micro_batch_order(
+    lengths: Sequence[int], step_size: int, micro_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """Every micro-batch of one epoch, in order: the steps of `batch_order(lengths, step_size, ...)` split."""
+    order = batch_order(lengths, step_size, seed, epoch, group_by_length)
+    return [micro for step in order for micro in split_step(step, micro_size)]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:

@@ -21,10 +21,12 @@ and that is an engine's job, never ftkit's:
 The contract that makes N processes equal one:
 
 - Data. `train.batch_size` is per process (micro-batch per forward). The global order is
-  still `batch_order(lengths, batch_size × N, seed, epoch)`: a pure function of (seed,
-  epoch), the same on every process, and each process takes its contiguous slice of each
-  global micro-batch (`rank_examples`). So N processes × batch_size b see exactly the
-  batches of 1 process × batch_size N·b, nothing dropped or repeated, and a resume replays them.
+  still `batch_order(lengths, batch_size × grad_accum × N, seed, epoch)`: the examples of each
+  optimizer step, a pure function of (seed, epoch, examples per step), the same on every
+  process; each step is cut into global micro-batches of batch_size × N and each process takes
+  its contiguous slice of each (`rank_examples`). So N processes × batch_size b see exactly the
+  steps of 1 process × batch_size N·b (or b × grad_accum N), nothing dropped or repeated, and a
+  resume replays them.
 - Loss. The window's loss units U (trained tokens for SFT) are summed over processes
   before the forward passes, so the normaliser is global; see `loss_scale` for why the
   loss is multiplied by N.

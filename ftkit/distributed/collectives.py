@@ -117,8 +117,16 @@ def grad_norm(accelerator: Any, params: Sequence[Any], max_norm: float | None) -
     partitions (`p.grad` is None), so the norm is the engine's, read through accelerate.
     """
     if max_norm is not None or is_deepspeed(accelerator):
-        return float(accelerator.clip_grad_norm_(params, max_norm or 0.0))
+        return float(accelerator.clip_grad_norm_(params, max_norm or 0.0))  # unscales fp16 gradients first
+    if has_loss_scaler(accelerator):
+        accelerator.unscale_gradients()
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+
+def has_loss_scaler(accelerator: Any) -> bool:
+    """True when accelerate scales the loss (fp16 on a GPU): its scaler skips a step whose scaled
+    gradients overflow and lowers the scale, so an inf gradient norm is not an error there."""
+    return getattr(accelerator, "scaler", None) is not None
 
 
 def is_deepspeed(accelerator: Any) -> bool:

@@ -3,7 +3,8 @@
 Adding a method touches its own module, one `register(...)` line below and one row
 in the shared test table (tests/methods_table.py); nothing in the loop, the CLI or
 the checkpoint code. A module provides `apply(model, config, run)` and may provide
-`hooks(model, config, run) -> MethodHooks`, `model_problems(config, model_config)` and
+`hooks(model, config, run) -> MethodHooks`, `model_problems(config, model_config)`,
+`run_problems(config, skeleton, run)` and
 `model_config_changes(config, model_config)` (see `ftkit.methods.base`).
 Importing this package must stay light (no torch, no peft).
 """
@@ -32,6 +33,12 @@ class MethodEntry:
         weight is loaded); one `key.path: what to do` line each. Empty when the module has no check."""
         fn = getattr(import_module(self.module), "model_problems", None)
         return list(fn(config, model_config)) if fn is not None else []
+
+    def run_problems(self, config: MethodConfig, skeleton: Any, run: RunInfo) -> list[str]:
+        """What the method cannot do in this run, found on the model's skeleton (meta device) and the
+        run's facts before any weight loads or the run directory exists; one `key.path: ...` line each."""
+        fn = getattr(import_module(self.module), "run_problems", None)
+        return list(fn(config, skeleton, run)) if fn is not None else []
 
     def model_config_changes(self, config: MethodConfig, model_config: Any) -> dict[str, Any]:
         """Attributes of the model's config the method sets before the weights load (e.g. LongLoRA's RoPE

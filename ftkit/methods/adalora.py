@@ -38,20 +38,31 @@ import peft
 import torch
 
 from ftkit.errors import ModelError
-from ftkit.methods.adapters import check_target_modules, task_type, wrap
+from ftkit.methods.adapters import check_target_modules, target_problems, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import AdaloraConfig
 
 
+def run_problems(config: AdaloraConfig, skeleton: Any, run: RunInfo) -> list[str]:
+    """Targets that are not linear layers; a budget schedule that leaves no step to reallocate in."""
+    return target_problems(skeleton, config) + _schedule_problems(config, run.total_steps)
+
+
+def _schedule_problems(config: AdaloraConfig, total: int | None) -> list[str]:
+    if total is None:
+        return ["method.name: adalora needs the run's total steps for its budget schedule"]
+    if config.tinit + config.tfinal >= total:
+        return [
+            f"method.tinit: tinit {config.tinit} + tfinal {config.tfinal} leave no steps of the run's {total} "
+            "to reallocate the rank budget; lower them, or raise train.max_steps / train.epochs"
+        ]
+    return []
+
+
 def apply(model: Any, config: AdaloraConfig, run: RunInfo) -> Any:
     total = run.total_steps
-    if total is None:
-        raise ModelError("method.name: adalora needs the run's total steps for its budget schedule")
-    if config.tinit + config.tfinal >= total:
-        raise ModelError(
-            f"method.tinit: tinit {config.tinit} + tfinal {config.tfinal} leave no steps of the run's {total} "
-            "to reallocate the rank budget; lower them or train longer"
-        )
+    for problem in _schedule_problems(config, total):
+        raise ModelError(problem)
     check_target_modules(model, config.target_modules)
     peft_config = peft.AdaLoraConfig(
         init_r=config.init_r,

@@ -41,19 +41,36 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def target_problems(model: Any, config: Any) -> list[str]:
+    """One line per target key of `config` (`target_modules`, and (IA)³'s `feedforward_modules`)
+    that names modules not among `model`'s linear layers. `model` may be a meta skeleton."""
+    found = (_unknown_targets(model, getattr(config, key, None), f"method.{key}") for key in TARGET_KEYS)
+    return [problem for problem in found if problem]
+
+
+TARGET_KEYS = ("target_modules", "feedforward_modules")
+
+
+def _unknown_targets(model: Any, target_modules: str | list[str] | None, key: str) -> str | None:
+    if target_modules is None or isinstance(target_modules, str):  # all-linear
+        return None
+    known = linear_module_names(model)
+    unknown = [t for t in target_modules if t not in known]
+    if not unknown:
+        return None
+    return (
+        f"{key}: {', '.join(unknown)} not among the model's linear modules; "
+        f"use some of: {', '.join(known)} (or all-linear)"
+    )
+
+
 def check_target_modules(
     model: Any, target_modules: str | list[str] | None, key: str = "method.target_modules"
 ) -> None:
     """Every named target must be one of the model's linear layers; `all-linear` and None pass."""
-    if target_modules is None or target_modules == "all-linear":
-        return
-    known = linear_module_names(model)
-    unknown = [t for t in target_modules if t not in known]
-    if unknown:
-        raise ModelError(
-            f"{key}: {', '.join(unknown)} not among the model's linear modules; "
-            f"use some of: {', '.join(known)} (or all-linear)"
-        )
+    problem = _unknown_targets(model, target_modules, key)
+    if problem:
+        raise ModelError(problem)
 
 
 def is_quantized(model: Any) -> bool:

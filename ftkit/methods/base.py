@@ -8,6 +8,11 @@ discriminated by `name`) and
     model_problems(config, model_config) -> [str]      optional: what the method needs from the
                                                        model (a transformers config, no weights
                                                        loaded yet), one `key: what to do` line each
+    run_problems(config, skeleton, run: RunInfo)       optional: what the method cannot do in this run,
+      -> [str]                                         from the model's modules on the meta device (no
+                                                       weights) and the run's facts (total steps ...);
+                                                       checked before the run directory exists, so a
+                                                       refusal leaves nothing behind
     model_config_changes(config, model_config) -> dict optional: config attributes set before the weights
                                                        load (LongLoRA's RoPE scaling); the run's base/
                                                        keeps the changed config

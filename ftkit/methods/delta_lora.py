@@ -58,12 +58,23 @@ from ftkit.recipe.methods import DeltaLoraConfig
 ADAPTER = "default"
 
 
-def apply(model: Any, config: DeltaLoraConfig, run: RunInfo) -> Any:
+def run_problems(config: DeltaLoraConfig, skeleton: Any, run: RunInfo) -> list[str]:
+    """LoRA's checks, and a start step the run reaches."""
+    return lora.run_problems(config, skeleton, run) + _start_problems(config, run)
+
+
+def _start_problems(config: DeltaLoraConfig, run: RunInfo) -> list[str]:
     if run.total_steps is not None and config.start_step >= run.total_steps:
-        raise ModelError(
+        return [
             f"method.start_step: {config.start_step} is not below the run's {run.total_steps} steps, so W would "
             "never follow the adapter; lower it (or use method.name: lora)"
-        )
+        ]
+    return []
+
+
+def apply(model: Any, config: DeltaLoraConfig, run: RunInfo) -> Any:
+    for problem in _start_problems(config, run):
+        raise ModelError(problem)
     return lora.apply(model, config, run)
 
 

@@ -16,6 +16,15 @@ from ftkit.models.load import decoder_layers
 from ftkit.recipe.methods import FreezeConfig
 
 
+def run_problems(config: FreezeConfig, skeleton: Any, run: RunInfo) -> list[str]:
+    """`apply`'s refusal, found by applying it to the skeleton: it only sets requires_grad flags."""
+    try:
+        apply(skeleton, config, run)
+    except ModelError as err:
+        return [str(err)]
+    return []
+
+
 def apply(model: Any, config: FreezeConfig, run: RunInfo) -> Any:
     model.requires_grad_(False)
     layers = decoder_layers(model)

@@ -16,7 +16,7 @@ import peft
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
-from ftkit.methods.adapters import check_target_modules, task_type, wrap
+from ftkit.methods.adapters import check_target_modules, target_problems, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import Ia3Config
 
@@ -35,6 +35,11 @@ def model_problems(config: Ia3Config, model_config: Any) -> list[str]:
                 "(attention keys/values and the feed-forward output projection)"
             )
     return problems
+
+
+def run_problems(config: Ia3Config, skeleton: Any, run: RunInfo) -> list[str]:
+    """Targets that are not linear layers of the model."""
+    return target_problems(skeleton, config)
 
 
 def apply(model: Any, config: Ia3Config, run: RunInfo) -> Any:

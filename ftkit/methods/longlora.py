@@ -81,6 +81,9 @@ def trained_module_names(model: Any, config: LongloraConfig) -> list[str]:
     return names
 
 
+run_problems = lora.run_problems  # the same adapters: the same targets and init checks
+
+
 def apply(model: Any, config: LongloraConfig, run: RunInfo) -> Any:
     saved = list(config.modules_to_save or [])
     saved += [name for name in trained_module_names(model, config) if name not in saved]

@@ -36,7 +36,7 @@ import torch
 from peft import replace_lora_weights_loftq
 
 from ftkit.errors import ModelError
-from ftkit.methods.adapters import check_target_modules, task_type, wrap
+from ftkit.methods.adapters import check_target_modules, target_problems, task_type, wrap
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import LoraConfig
 
@@ -75,6 +75,14 @@ def apply(model: Any, config: LoraConfig, run: RunInfo, **peft_extra: Any) -> An
     return model
 
 
+def run_problems(config: LoraConfig, skeleton: Any, run: RunInfo) -> list[str]:
+    """Targets that are not linear layers of the model; loftq without a CUDA GPU."""
+    problems = target_problems(skeleton, config)
+    if config.init == "loftq" and not torch.cuda.is_available():
+        problems.append(LOFTQ_DEVICE)
+    return problems
+
+
 def hooks(model: Any, config: LoraConfig, run: RunInfo) -> MethodHooks:
     if config.init in MUTATING_INITS:
         return MethodHooks(save_final=_saver_as_plain_lora(model))
@@ -105,12 +113,15 @@ def _saver_as_plain_lora(model: Any):
     return save_final
 
 
+LOFTQ_DEVICE = (
+    "method.init: loftq runs on a CUDA GPU only (peft computes it there: peft/utils/loftq_utils.py); "
+    "use init kaiming on this machine"
+)
+
+
 def _check_loftq_device() -> None:
     if not torch.cuda.is_available():
-        raise ModelError(
-            "method.init: loftq runs on a CUDA GPU only (peft computes it there: peft/utils/loftq_utils.py); "
-            "use init kaiming on this machine"
-        )
+        raise ModelError(LOFTQ_DEVICE)
 
 
 def _init_loftq(model: Any) -> None:

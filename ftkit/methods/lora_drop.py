@@ -52,6 +52,9 @@ RECORD = "lora_drop.json"
 _LAYER = re.compile(r"^(.*?\.\d+)(\..*)$")  # "model.layers.3" + ".self_attn.q_proj"
 
 
+run_problems = lora.run_problems  # the same adapters: the same targets and init checks
+
+
 def apply(model: Any, config: LoraDropConfig, run: RunInfo) -> Any:
     model = lora.apply(model, config, run)
     layers = _layer_modules(model)

@@ -20,6 +20,8 @@ from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import LoraFaConfig
 
+run_problems = lora.run_problems  # the same adapters: the same targets and init checks
+
 
 def apply(model: Any, config: LoraFaConfig, run: RunInfo) -> Any:
     model = lora.apply(model, config, run)

@@ -18,6 +18,8 @@ from ftkit.methods import lora
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import LoraPlusConfig
 
+run_problems = lora.run_problems  # the same adapters: the same targets and init checks
+
 
 def apply(model: Any, config: LoraPlusConfig, run: RunInfo) -> Any:
     return lora.apply(model, config, run)

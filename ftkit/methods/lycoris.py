@@ -15,9 +15,14 @@ from typing import Any
 
 import peft
 
-from ftkit.methods.adapters import check_target_modules, task_type, wrap
+from ftkit.methods.adapters import check_target_modules, target_problems, task_type, wrap
 from ftkit.methods.base import RunInfo
 from ftkit.recipe.methods import LohaConfig, LokrConfig
+
+
+def run_problems(config: LohaConfig | LokrConfig, skeleton: Any, run: RunInfo) -> list[str]:
+    """Targets that are not linear layers of the model."""
+    return target_problems(skeleton, config)
 
 
 def apply(model: Any, config: LohaConfig | LokrConfig, run: RunInfo) -> Any:

@@ -8,6 +8,7 @@ users work exactly as for a hub model.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,19 @@ def load_model_config(cfg: ModelSection) -> Any:
         )
     except (OSError, ValueError) as err:
         raise ModelError(f"model.name: cannot load the config of {cfg.name!r}: {str(err).splitlines()[0]}") from err
+
+
+def skeleton(config: Any, trust_remote_code: bool = False, labels: list[str] | None = None) -> Any:
+    """The model's modules on the meta device: names, shapes and dtypes, no memory and no weights.
+
+    What a check before loading needs (a method's target modules, `ftkit plan`'s counts). With
+    `labels` it is the classifier (AutoModelForSequenceClassification, with its `score` head)."""
+    with torch.device("meta"):
+        if labels is not None:
+            config = copy.deepcopy(config)
+            config.update(label_config(labels))
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def resolve_dtype(name: str, device_type: str) -> Any:
@@ -186,6 +200,8 @@ def build_model(
             model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local, **kwargs, **changes)
     except OSError as err:
         raise ModelError(f"model.name: cannot load {source!r}: {str(err).splitlines()[0]}") from err
+    if cfg.quantization is not None and device_type == "cpu":
+        keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -197,6 +213,24 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer, str(local.resolve()) if is_local else source
+
+
+def keep_4bit_layout(model: Any) -> int:
+    """Keep every 4-bit layer on bitsandbytes' training layout on CPU; returns how many layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks its weight the first
+    time it runs in eval mode on an input without grad (a mid-run evaluation, a sample): the
+    double-quantized absmax is dequantized and cast to bf16, the layout changes, and every later
+    forward, training included, takes the inference kernel (`gemv_4bit`) on those bf16 scales. So a
+    run with evaluations trained on other numbers than one without (issue 15: step-7 loss 3.6338 vs
+    3.6051). The repacking is gated by the layer's own `support_avx512bf16_for_cpu` flag (set at
+    construction from the CPU's features); turning it off keeps one kernel and one set of scales for
+    training, evaluation and generation alike. The cost is CPU inference speed only.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _save_changed_base(model: Any, tokenizer: Any, source: Path, base_dir: Path) -> None:

@@ -206,7 +206,17 @@ class TrainSection(Section):
     )
     seed: int = Field(42, description="Seed for initialisation, data order, dropout and the val split.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="Autocast precision; auto = bf16 on a bf16-capable GPU, else none."
+        "auto",
+        description="Autocast precision; auto = the model's dtype when it loads in 16 bits (bf16 or fp16, "
+        "with loss scaling), else bf16 on a bf16-capable GPU, else none. fp16 needs a CUDA GPU.",
+    )
+    master_weights: Literal["fp32", "none", "kahan"] = Field(
+        "fp32",
+        description="Trained weights of a 16-bit model (model.dtype bfloat16/float16): fp32 = fp32 master copies "
+        "(compute in 16 bits through autocast); none = trained in 16 bits (least memory, but updates below half "
+        "a bf16 ulp round away: full fine-tuning at 1e-5 barely learns); kahan = 16 bits with a Kahan-compensated "
+        "AdamW update (2 B/param of compensation, no fp32 copy; train.optimizer: adamw). Frozen weights stay in "
+        "model.dtype; nothing changes for a float32 model.",
     )
     samples: int = Field(
         3, ge=0, description="Validation prompts generated into report.md at the end (a classifier generates none)."
@@ -348,6 +358,25 @@ class Recipe(Section):
                 f"objective.reference: auto keeps a frozen copy of the whole model, which distributed.strategy {s} "
                 "cannot take from its shards; use objective.reference: precompute (or distributed.strategy: ddp)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _master_weights_fit_recipe(self) -> Recipe:
+        choice, problems = self.train.master_weights, []
+        if choice == "kahan" and self.train.optimizer != "adamw":
+            problems.append(
+                f"train.master_weights: kahan steps ftkit's compensated AdamW, not {self.train.optimizer}; "
+                "set train.optimizer: adamw (or master_weights: fp32)"
+            )
+        if choice == "kahan" and self.method.name == "lora_fa":
+            problems.append("train.master_weights: kahan: lora_fa steps its own optimizer; use master_weights: fp32")
+        if choice != "fp32" and self.distributed.strategy != "ddp":
+            problems.append(
+                f"train.master_weights: {choice}: distributed.strategy {self.distributed.strategy} keeps its own "
+                "fp32 master weights (FSDP mixed precision, DeepSpeed's optimizer); use master_weights: fp32"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -59,6 +59,7 @@ def _what_ran_rows(facts: dict) -> list[list[str]]:
         ["tokens trained on", _count(f("train_target_tokens"))],
         ["steps / epochs", f"{_count(f('steps'))} / {_num(f('epochs'))}"],
         ["optimizer", _optimizer(facts)],
+        ["trained weights", _s(f("trained_weights"))],
         ["wall time", _duration(f("wall_s"))],
         ["tokens/s", _num(f("tokens_per_s"), ".0f")],
         ["peak memory", _memory(f("peak_mem_bytes"), f("device"))],

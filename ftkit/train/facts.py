@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from ftkit.data import batch_order
+from ftkit.data import micro_batch_order
 from ftkit.data.packing import padding_efficiency
 from ftkit.plan import mfu
 from ftkit.recipe.schema import Recipe
-from ftkit.train.loop import TrainState
+from ftkit.train.loop import TrainState, examples_per_step
 from ftkit.train.setup import Inputs, Trainable
 
 
@@ -33,7 +33,7 @@ def run_facts(
     """summary.json's facts: the run, its data and progress, speed, device and geometry, and the objective's."""
     cfg, splits, processes = recipe.train, inputs.splits, accelerator.num_processes
     trainable_params, total_params = trainable.trainable_params, trainable.total_params
-    batches_per_epoch = max(1, -(-len(inputs.train_examples) // (cfg.batch_size * processes)))
+    steps_per_epoch = max(1, -(-len(inputs.train_examples) // examples_per_step(cfg, processes)))
     return (
         {
             "status": status,
@@ -52,7 +52,7 @@ def run_facts(
             "tokens_seen": state.tokens_seen,
             "steps": state.step,
             "skipped_steps": state.skipped_steps,
-            "epochs": state.epoch + state.batch_in_epoch / batches_per_epoch,
+            "epochs": state.epoch + state.step_in_epoch / steps_per_epoch,
             "wall_s": wall_s,
             "tokens_per_s": state.tokens_seen / max(wall_s, 1e-9),
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -61,6 +61,7 @@ def run_facts(
         | {
             "device": device_name(accelerator.device),
             "optimizer": cfg.optimizer,
+            "trained_weights": trainable.weights,
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum,
@@ -78,7 +79,8 @@ def speed_facts(recipe: Recipe, train_examples: list, state: Any, device: Any, p
     process; MFU is per GPU, so it divides them by the `processes` sharing the work."""
     cfg = recipe.train
     lengths = [ex.length for ex in train_examples]
-    batches = batch_order(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
+    step_size, micro_size = examples_per_step(cfg, processes), cfg.batch_size * processes
+    batches = micro_batch_order(lengths, step_size, micro_size, cfg.seed, 0, cfg.group_by_length) if lengths else []
     train_tokens_per_s = state.tokens_seen / state.train_s if state.train_s > 0 else None
     return {
         "train_tokens_per_s": train_tokens_per_s,

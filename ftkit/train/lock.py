@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ftkit.errors import ResourceError, RunDirError
+from ftkit.errors import DataError, ModelError, ResourceError, RunDirError
 from ftkit.io import messages
 from ftkit.rundir import RECIPE, RUN_ENTRIES, is_eval_file
 
@@ -87,11 +87,13 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, lock: RunLock) -> bool:
 
 @contextmanager
 def removed_on_refusal(run_dir: Path, lock: RunLock, created: bool) -> Iterator[None]:
-    """A ResourceError raised inside, before anything was trained, leaves no half-made run
-    directory: the lock is released and the directory removed when this run created it."""
+    """A refusal raised inside, before anything was trained, leaves no half-made run directory:
+    the lock is released and the directory removed when this run created it. Refusals are meant to
+    come before the directory exists (`setup.check_model`); this catches what only building can find
+    (a peft error on the real model) and a machine that lacks room (ResourceError)."""
     try:
         yield
-    except ResourceError:
+    except (ResourceError, ModelError, DataError):
         lock.release()  # before removing the directory it locks
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)

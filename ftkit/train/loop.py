@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ftkit.data import Example, batch_order
+from ftkit.data import Example, batch_order, split_step
 from ftkit.distributed import collectives
 from ftkit.errors import NonFiniteError
 from ftkit.recipe.schema import TrainSection
@@ -29,8 +29,8 @@ class TrainState:
     """Counters that define where training stands; saved in every checkpoint."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch of the next micro-batch
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    epoch: int = 0  # epoch of the next optimizer step's examples
+    step_in_epoch: int = 0  # optimizer steps' worth of examples of `epoch` already consumed
     micro_step: int = 0  # forward/backward passes done
     tokens_seen: int = 0  # non-pad input tokens processed
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (on_nonfinite: skip)
@@ -61,22 +61,24 @@ class Hooks:
     should_stop: Callable[[TrainState], bool] = lambda state: False  # asked at every step boundary (signals)
 
 
-def micro_batches(
-    examples: Sequence[Example], batch_size: int, seed: int, state: TrainState, group_by_length: bool = True
+def step_batches(
+    examples: Sequence[Example], step_size: int, seed: int, state: TrainState, group_by_length: bool = True
 ) -> Iterator[list[int]]:
-    """Endless stream of micro-batches (lists of example indices) from where `state` stands.
+    """Endless stream of optimizer steps (lists of example indices, `step_size` each but the last of an
+    epoch) from where `state` stands.
 
-    The order is a pure function of (seed, epoch), so a resumed run replays it exactly.
-    Advances `state.epoch` / `state.batch_in_epoch` as batches are handed out.
+    The order is a pure function of (seed, epoch, step_size), so a resumed run replays it exactly,
+    also with another batch_size × grad_accum of the same product. Advances `state.epoch` /
+    `state.step_in_epoch` as steps are handed out.
     """
     lengths = [e.length for e in examples]
     while True:
-        order = batch_order(lengths, batch_size, seed, state.epoch, group_by_length)
-        for position in range(state.batch_in_epoch, len(order)):
-            state.batch_in_epoch = position + 1
+        order = batch_order(lengths, step_size, seed, state.epoch, group_by_length)
+        for position in range(state.step_in_epoch, len(order)):
+            state.step_in_epoch = position + 1
             yield order[position]
         state.epoch += 1
-        state.batch_in_epoch = 0
+        state.step_in_epoch = 0
 
 
 def train_loop(
@@ -116,8 +118,9 @@ def train_loop(
     objective = objective or SFT()
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
-    stream = micro_batches(train_examples, cfg.batch_size * world, cfg.seed, state, cfg.group_by_length)
-    n_batches_per_epoch = max(1, math.ceil(len(train_examples) / (cfg.batch_size * world)))
+    step_size = examples_per_step(cfg, world)
+    stream = step_batches(train_examples, step_size, cfg.seed, state, cfg.group_by_length)
+    steps_per_epoch = max(1, math.ceil(len(train_examples) / step_size))
     model.train()
     while state.step < total_steps:
         if collectives.any_process(accelerator, hooks.should_stop(state)):
@@ -127,9 +130,11 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's relative group LR (LoRA+: B at λ·lr)
 
-        # Gather the window first: the loss normaliser is the unit count of the whole window
-        # (of all processes). Each micro-batch has a weight: 0 for a process with no example of it.
-        parts = [collectives.rank_examples(train_examples, next(stream), rank, world) for _ in range(cfg.grad_accum)]
+        # The step's examples first, then its micro-batches (global ones of batch_size × N; each process
+        # takes its slice). The loss normaliser is the unit count of the whole window (of all processes).
+        # Each micro-batch has a weight: 0 for a process with no example of it.
+        micro = split_step(next(stream), cfg.batch_size * world)
+        parts = [collectives.rank_examples(train_examples, indices, rank, world) for indices in micro]
         window = [(objective.collate(part, pad_id), weight) for part, weight in parts]
         local_units = sum(weight * objective.units(batch) for batch, weight in window)
         window_units = max(int(collectives.global_sums(accelerator, [local_units])[0]), 1)
@@ -155,9 +160,15 @@ def train_loop(
             input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
         grad_norm = collectives.grad_norm(accelerator, params, cfg.max_grad_norm)
-        is_finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        # fp16: an overflow of the scaled gradients is the loss scaler's to handle (it skips the update and
+        # lowers the scale); the non-finite guard judges the loss, and the gradients of unscaled training
+        scaled = collectives.has_loss_scaler(accelerator)
+        is_finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaled)
+        overflowed = False
         if is_finite:
             optimizer.step()
+            overflowed = scaled and accelerator.optimizer_step_was_skipped
+        if is_finite and not overflowed:
             for hook in hooks.before_zero_grad:
                 hook(state.step + 1)
         optimizer.zero_grad(set_to_none=True)
@@ -173,7 +184,7 @@ def train_loop(
                 )
         state.step += 1
         state.tokens_seen += input_tokens
-        if is_finite:
+        if is_finite and not overflowed:
             for hook in hooks.after_step:
                 hook(state.step)
 
@@ -183,15 +194,24 @@ def train_loop(
             hooks.log(
                 {
                     "step": state.step,
-                    "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4),
+                    "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
                     "lr": lr,
                     "skipped": f"non-finite {what}",
+                }
+            )
+        elif overflowed:  # an event too: the scaler skipped this update
+            hooks.log(
+                {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
+                    "lr": lr,
+                    "skipped": f"fp16 overflow; loss scale now {accelerator.scaler.get_scale():g}",
                 }
             )
         else:
             record = {
                 "step": state.step,
-                "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4),
+                "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
                 "loss": loss_sum,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -210,7 +230,7 @@ def train_loop(
             state.last_val_loss = val_loss
             if state.best_val_loss is None or val_loss < state.best_val_loss:
                 state.best_val_loss, state.best_step = val_loss, state.step
-            record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / n_batches_per_epoch, 4)}
+            record = {"step": state.step, "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4)}
             record["val_loss"] = val_loss
             if getattr(objective, "reports_perplexity", True):
                 record["val_ppl"] = math.exp(min(val_loss, 50.0))
@@ -222,10 +242,16 @@ def train_loop(
     return state
 
 
+def examples_per_step(cfg: TrainSection, processes: int = 1) -> int:
+    """Examples one optimizer step trains on: batch_size × grad_accum × processes. The data order is a
+    function of this product only, never of how it is split into micro-batches."""
+    return cfg.batch_size * cfg.grad_accum * processes
+
+
 def total_steps_for(cfg: TrainSection, n_examples: int, processes: int = 1) -> int:
     """Optimizer steps the recipe asks for: max_steps, or epochs over the data
-    (a micro-step of N processes consumes batch_size × N examples)."""
+    (an epoch is ceil(examples / examples_per_step) steps; its last step may be short)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    micro = math.ceil(n_examples / (cfg.batch_size * processes))
-    return max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    steps_per_epoch = math.ceil(n_examples / examples_per_step(cfg, processes))
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))

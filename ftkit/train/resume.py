@@ -10,7 +10,8 @@
     restore_generators(acc, path, ...)  every random generator as it was at the checkpoint (last of all)
 
 What makes the continuation bit-identical to an uninterrupted run (CPU, fp32):
-- data order is `batch_order(seed, epoch)` plus the stored (epoch, batch_in_epoch) position;
+- data order is `batch_order(seed, epoch, examples per step)` plus the stored (epoch, step_in_epoch)
+  position; batch_size and grad_accum may change if their product stays (the same steps, other micro-batches);
 - the LR is `lr_at(step)`, a pure function of the stored step (no scheduler object to drift);
 - weights and optimizer state come back from safetensors in their own dtypes;
 - python, numpy, torch CPU and CUDA generator states are restored as they were between the
@@ -79,6 +80,8 @@ CADENCE_KEYS = frozenset(
 DATA_FILE_KEYS = ("data.train", "data.val")
 #: where the run lives is not part of what it computes
 IGNORED_KEYS = frozenset({"output_dir"})
+#: keys whose product is the examples per optimizer step: they may change together if it stays
+GEOMETRY_KEYS = ("train.batch_size", "train.grad_accum")
 
 
 def find_checkpoint(run_dir: Path, path: Path | None = None) -> Path:
@@ -179,9 +182,19 @@ def check_recipe_change(
     """
     before, after = _leaves(old.model_dump(mode="json")), _leaves(new.model_dump(mode="json"))
     changed, notes = [], []
+    same_step = (
+        before["train.batch_size"] * before["train.grad_accum"] == after["train.batch_size"] * after["train.grad_accum"]
+    )
+    if same_step and any(before[key] != after[key] for key in GEOMETRY_KEYS):
+        notes.append(
+            "train.batch_size × train.grad_accum "
+            f"{before['train.batch_size']} × {before['train.grad_accum']} → "
+            f"{after['train.batch_size']} × {after['train.grad_accum']}: the same examples per step, other "
+            "micro-batches (the trajectory is unchanged up to floating-point summation order)"
+        )
     for key in list(before) + [k for k in after if k not in before]:
         a, b = before.get(key, _ABSENT), after.get(key, _ABSENT)
-        if key in IGNORED_KEYS:
+        if key in IGNORED_KEYS or (same_step and key in GEOMETRY_KEYS):
             continue
         if key in DATA_FILE_KEYS:
             if old_hashes.get(key) != new_hashes.get(key):
@@ -279,6 +292,11 @@ def _restore_replicated(path: Path, model: Any, optimizer: Any) -> None:
 
 def state_from(saved: dict) -> TrainState:
     """The TrainState stored in a checkpoint's trainer_state.json."""
+    if "batch_in_epoch" in saved and "step_in_epoch" not in saved:
+        raise RunDirError(
+            "--resume: this checkpoint was written by an ftkit whose data order counted micro-batches "
+            "(batch_in_epoch); it cannot be continued exactly: start a new run with --overwrite"
+        )
     names = {f.name for f in fields(TrainState)}
     return TrainState(**{key: value for key, value in saved.items() if key in names})
 

@@ -46,18 +46,18 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
 
     # Inputs first: a data error must not leave a run directory behind.
     inputs = setup.prepare_inputs(recipe, accelerator)
-    method, config_changes = setup.check_model(recipe)  # before the run directory and before any weight is loaded
+    method, config_changes = setup.check_model(recipe, inputs, accelerator)  # before the run dir and any weight
 
     with RunLock(run_dir) as lock:
         start = setup.open_run_dir(recipe, resume, overwrite, lock, accelerator, inputs.data_sha256, log)
         task = task_for(recipe)
-        trainable = setup.build_trainable(
-            recipe, accelerator, inputs, method, config_changes, task, start.resume_from, log
-        )
-        objective, objective_facts = setup.task_objective(recipe, task, trainable, inputs.splits, accelerator)
-        clock = WallClock(started, before=start.wall_s)
-        checkpointer = Checkpointer(run_dir, accelerator, trainable, cfg, inputs, clock, start.resumed_step)
         with removed_on_refusal(run_dir, lock, start.created):  # nothing was trained yet
+            trainable = setup.build_trainable(
+                recipe, accelerator, inputs, method, config_changes, task, start.resume_from, log
+            )
+            objective, objective_facts = setup.task_objective(recipe, task, trainable, inputs.splits, accelerator)
+            clock = WallClock(started, before=start.wall_s)
+            checkpointer = Checkpointer(run_dir, accelerator, trainable, cfg, inputs, clock, start.resumed_step)
             checkpointer.check_free_space()
         state = setup.restored_state(accelerator, start, trainable, inputs.total_steps, log)
 

@@ -3,7 +3,8 @@
     start_accelerator(recipe)          accelerate for recipe.distributed; the seed set
     prepare_inputs(recipe, acc)        tokenizer, splits, packed rows, total steps, data hashes;
                                        kernel / attention / memory checks
-    check_model(recipe)                the method, and what it changes in the model's config
+    check_model(recipe, inputs, acc)   the method's refusals (model config, skeleton, run facts), and what
+                                       it changes in the model's config
     open_run_dir(...)                  a new run directory, or a run reopened at a checkpoint; the recipe written
     build_trainable(...)               base model + method + optimizer, prepared by the engine
     task_objective(...)                what the loop minimises: the task's objective (+ a method's penalty)
@@ -37,6 +38,8 @@ from ftkit.models.load import (
     count_parameters,
     load_model_config,
     load_tokenizer,
+    resolve_dtype,
+    skeleton,
 )
 from ftkit.plan import memory_warning
 from ftkit.recipe import dump_recipe
@@ -45,6 +48,7 @@ from ftkit.rundir import BASE, LIBRARIES_LOG, RECIPE
 from ftkit.tasks import Task
 from ftkit.tasks.losses import check_kernels
 from ftkit.tasks.objective import Regularized
+from ftkit.train import precision
 from ftkit.train import resume as resuming
 from ftkit.train.checkpoint import load_method_state
 from ftkit.train.lock import RunLock, prepare_run_dir
@@ -54,16 +58,9 @@ from ftkit.train.optim import build_optimizer
 
 def start_accelerator(recipe: Recipe) -> Any:
     """The accelerator for `recipe.distributed`, with every generator seeded from train.seed."""
-    accelerator = engines.build_accelerator(recipe, mixed_precision(recipe.train.mixed_precision))
+    accelerator = engines.build_accelerator(recipe, precision.autocast_mode(recipe, precision.device_type()))
     set_seed(recipe.train.seed)
     return accelerator
-
-
-def mixed_precision(name: str) -> str:
-    """accelerate's mixed-precision mode: `auto` is bf16 on a GPU that has it, else none."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 @dataclass(frozen=True)
@@ -89,6 +86,7 @@ def prepare_inputs(recipe: Recipe, accelerator: Any) -> Inputs:
     total_steps = total_steps_for(cfg, len(train_examples), accelerator.num_processes)
     check_kernels(recipe.perf.kernels, device_type)
     check_attention(recipe.model, device_type)
+    precision.check_precision(recipe, device_type)
     warn_if_plan_exceeds_device(recipe, device_type)
     return Inputs(tokenizer, splits, train_examples, total_steps, data_sha256)
 
@@ -103,12 +101,22 @@ def warn_if_plan_exceeds_device(recipe: Recipe, device_type: str) -> None:
         print(warning, file=messages())
 
 
-def check_model(recipe: Recipe) -> tuple[Any, dict]:
+def check_model(recipe: Recipe, inputs: Inputs, accelerator: Any) -> tuple[Any, dict]:
     """(the recipe's method, the model config changes it asks for); ModelError with every
-    problem the method finds in the model's config. Reads the config only, no weights."""
+    problem the method finds in the model's config, on the model's skeleton (meta device) and in
+    the run's facts (total steps, max_length). Reads the config only, no weights, writes nothing."""
     method = get_method(recipe.method.name)
     model_config = load_model_config(recipe.model)
     problems = method.model_problems(recipe.method, model_config)
+    if not problems:
+        model = skeleton(model_config, recipe.model.trust_remote_code, inputs.splits.labels)
+        run = RunInfo(
+            total_steps=inputs.total_steps,
+            train=recipe.train,
+            device=accelerator.device,
+            max_length=recipe.data.max_length,
+        )
+        problems = method.run_problems(recipe.method, model, run)
     if problems:
         raise ModelError("\n".join(problems) if len(problems) > 1 else problems[0])
     return method, method.model_config_changes(recipe.method, model_config)
@@ -172,6 +180,7 @@ class Trainable:
     hooks: MethodHooks
     trainable_params: int
     total_params: int
+    weights: str = ""  # where the trained weights lived, in words (train.master_weights as it ran)
 
 
 def build_trainable(
@@ -211,6 +220,8 @@ def build_trainable(
     )
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method, run_info)
+    load_dtype = resolve_dtype(recipe.model.dtype, accelerator.device.type)
+    weights = precision.place_trained_weights(model, cfg.master_weights, load_dtype)  # before hooks and optimizer
     hooks = method.hooks(model, recipe.method, run_info)
     engines.check_method_hooks(accelerator, recipe, hooks)
     if recipe.model.torch_compile:
@@ -222,7 +233,8 @@ def build_trainable(
     else:
         optimizer = build_optimizer(hooks.param_groups or [p for p in model.parameters() if p.requires_grad], cfg)
     model, optimizer = engines.prepare(accelerator, recipe, model, optimizer)
-    return Trainable(model, optimizer, accelerator.unwrap_model(model), tokenizer, base, hooks, trainable, total)
+    unwrapped = accelerator.unwrap_model(model)
+    return Trainable(model, optimizer, unwrapped, tokenizer, base, hooks, trainable, total, weights)
 
 
 def model_source(accelerator: Any, model_cfg: ModelSection, run_base: Path) -> ModelSection:

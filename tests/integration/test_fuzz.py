@@ -298,3 +298,110 @@ def test_broken_data_files_exit_2_naming_file_and_line(tmp_path_factory, tiny_da
     expected = f"error: {train_file}:{line}: " if line is not None else f"error: {train_file}: "
     assert lines[0].startswith(expected), (lines[0], expected)
     assert not out.exists(), "a run directory was left behind"
+
+
+# --- method- and data-level refusals (issue 15 part 4) ----------------------------------------
+# Valid recipes whose method cannot run on this model or this run, and data the task cannot use:
+# each is refused with exit 2 before the run directory exists (a next try needs no --overwrite).
+
+LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+NOT_LINEAR = TEXT.filter(lambda w: w not in LINEAR)
+
+
+@st.composite
+def method_refusal(draw) -> tuple[dict, dict, str]:
+    """(method section, train overrides, the key the refusal must name) for micro-llama (2 layers), 2 steps."""
+    kind = draw(st.sampled_from(["targets", "vera", "ia3", "freeze layers", "freeze modules", "adalora", "delta"]))
+    if kind in ("targets", "vera", "ia3"):
+        name = {"targets": draw(st.sampled_from(["lora", "dora", "lora_plus", "loha"])), "vera": "vera"}.get(
+            kind, "ia3"
+        )
+        extra = {"r": 4} if name != "ia3" else {"feedforward_modules": []}
+        wanted = draw(st.lists(NOT_LINEAR, min_size=1, max_size=2, unique=True))
+        return {"name": name, **extra, "target_modules": wanted}, {}, "method.target_modules"
+    if kind == "freeze layers":
+        return {"name": "freeze", "trainable_layers": draw(st.integers(3, 64))}, {}, "method.trainable_layers"
+    if kind == "freeze modules":
+        wanted = draw(st.lists(NOT_LINEAR, min_size=1, max_size=2, unique=True))
+        return {"name": "freeze", "trainable_modules": wanted}, {}, "method.trainable_modules"
+    steps = draw(st.integers(1, 4))
+    if kind == "adalora":
+        tinit = draw(st.integers(0, steps))
+        method = {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": tinit, "tfinal": steps - tinit}
+        return method, {"max_steps": steps}, "method.tinit"
+    return (
+        {"name": "delta_lora", "r": 4, "start_step": draw(st.integers(steps, 10))},
+        {"max_steps": steps},
+        ("method.start_step"),
+    )
+
+
+@seed(20240603)
+@settings(SETTINGS, max_examples=30)
+@given(refusal=method_refusal())
+def test_method_refusals_exit_2_and_leave_no_run_directory(tmp_path_factory, tiny_data, refusal):
+    method, train, key = refusal
+    tmp = tmp_path_factory.mktemp("method")
+    out = tmp / "run"
+    recipe = base_recipe(tiny_data, out)
+    recipe["method"] = method
+    recipe["train"] |= train
+    file = tmp / "recipe.yaml"
+    file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    code, stdout, stderr = run_cli("train", str(file))
+
+    assert code == 2, (method, train, stderr)
+    assert stdout == "" and "Traceback" not in stderr
+    assert key in stderr, (key, stderr)
+    assert not out.exists(), "a run directory was left behind"
+
+
+def _classification_refusal(tmp: Path, draw) -> tuple[dict, str]:
+    rows = [{"text": f"item {i}", "label": ["a", "b"][i % 2]} for i in range(8)]
+    kind = draw(st.sampled_from(["unlisted label", "empty label", "missing text"]))
+    index = draw(st.integers(0, len(rows) - 1))
+    if kind == "unlisted label":
+        rows[index]["label"] = draw(TEXT.filter(lambda w: w not in {"a", "b"}))
+    elif kind == "empty label":
+        rows[index]["label"] = ""
+    else:
+        del rows[index]["text"]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = {"train": str(tmp / "train.jsonl"), "max_length": 64}
+    if kind == "unlisted label":
+        data["labels"] = ["a", "b"]
+    return {"task": "classification", "data": data}, f"train.jsonl:{index + 1}"
+
+
+def _preference_refusal(tmp: Path, draw) -> tuple[dict, str]:
+    rows = [{"prompt": f"say {i}", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(8)]
+    index = draw(st.integers(0, len(rows) - 1))
+    field = draw(st.sampled_from(["prompt", "chosen", "rejected"]))
+    if draw(st.booleans()):
+        del rows[index][field]
+    else:
+        rows[index][field] = ""
+    (tmp / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = {"train": str(tmp / "train.jsonl"), "format": "preference", "max_length": 64}
+    return {"objective": {"name": draw(st.sampled_from(["dpo", "orpo"]))}, "data": data}, f"train.jsonl:{index + 1}"
+
+
+@seed(20240604)
+@settings(SETTINGS, max_examples=30)
+@given(data=st.data())
+def test_task_data_refusals_exit_2_and_leave_no_run_directory(tmp_path_factory, tiny_data, data):
+    tmp = tmp_path_factory.mktemp("taskdata")
+    out = tmp / "run"
+    maker = data.draw(st.sampled_from([_classification_refusal, _preference_refusal]))
+    sections, where = maker(tmp, data.draw)
+    recipe = base_recipe(tiny_data, out) | sections
+    file = tmp / "recipe.yaml"
+    file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    code, stdout, stderr = run_cli("train", str(file))
+
+    assert code == 2, (sections, stderr)
+    assert stdout == "" and "Traceback" not in stderr
+    assert where in stderr, (where, stderr)
+    assert not out.exists(), "a run directory was left behind"

@@ -109,7 +109,7 @@ def test_signal_stops_at_the_step_boundary_with_130_or_143(tmp_path, tiny_data):
     assert "--resume" in err.strip().splitlines()[-1]
     assert max(r["step"] for r in trajectory(run_dir)) == 3  # nothing of step 4 ran
     state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["facts"]["status"] == "interrupted by SIGTERM at step 3"
     assert "interrupted by SIGTERM at step 3" in (run_dir / "report.md").read_text()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from ftkit.data import Example, batch_order, collate
+from ftkit.data import Example, batch_order, collate, split_step
 from ftkit.methods import get_method
 from ftkit.models.load import build_model
 from ftkit.recipe.methods import LoraConfig
@@ -83,9 +83,9 @@ def test_parity_with_hand_written_loop(micro):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     lengths = [len(e.input_ids) for e in examples]
-    stream = [b for epoch in range(10) for b in batch_order(lengths, bs, 7, epoch)]
+    stream = [s for epoch in range(10) for s in batch_order(lengths, bs * accum, 7, epoch)]  # the steps' examples
     for step in range(steps):
-        window = [collate([examples[i] for i in stream[step * accum + k]], pad_id=0) for k in range(accum)]
+        window = [collate([examples[i] for i in micro], pad_id=0) for micro in split_step(stream[step], bs)]
         n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         for batch in window:
             out = model(**batch, num_items_in_batch=torch.tensor(n_items))
