@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.integration.test_readme import short_val
 from tests.support.helpers import make_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +32,11 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def test_quickstart_stderr_holds_ftkit_lines_only(tmp_path):
+def test_quickstart_stderr_holds_ftkit_lines_only(smollm2, tmp_path):
+    """The shipped quickstart (the real SmolLM2, converted once by the fixture), 6 steps, 8 val rows."""
     run = tmp_path / "quickstart"
     args = ["--output-dir", str(run), "--set", "train.max_steps=6", "--set", "data.max_samples=96"]
+    args += ["--set", f"data.val={short_val(tmp_path)}"]
     args += ["--set", "train.eval_every=3", "--set", "train.samples=0"]
     done = subprocess.run(
         [sys.executable, "-m", "ftkit", "train", "recipes/quickstart.yaml", *args],

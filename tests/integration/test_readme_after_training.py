@@ -21,8 +21,8 @@ def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
     """On the real quickstart (SmolLM2), two steps, 8 val rows."""
     monkeypatch.chdir(README.parent)
     run = tmp_path / "quickstart"
-    code, _, err = run_cli("train", "recipes/quickstart.yaml", "--set", "train.max_steps=2", "--set",
-                           "train.samples=0", "--set", f"data.val={short_val(tmp_path)}", "--output-dir", str(run))  # fmt: skip
+    short = ["--set", "train.max_steps=2", "--set", "train.samples=0", "--set", f"data.val={short_val(tmp_path)}"]
+    code, _, err = run_cli("train", "recipes/quickstart.yaml", *short, "--output-dir", str(run))
     assert code == 0, err
     ran = set()
     for command in after_training_commands():

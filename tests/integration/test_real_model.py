@@ -124,7 +124,9 @@ def test_alpaca_masks_train_exactly_the_answer_and_its_end_of_turn(smollm2):
     trained = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
     assert truncated and len(example.input_ids) == 96 and example.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(trained) == row["output"] + "<|im_end|>"
-    assert tokenizer.decode(example.input_ids).endswith("in 2009.<|im_end|>\n<|im_start|>assistant\n" + row["output"] + "<|im_end|>")
+    assert tokenizer.decode(example.input_ids).endswith(
+        "in 2009.<|im_end|>\n<|im_start|>assistant\n" + row["output"] + "<|im_end|>"
+    )
 
 
 def test_bad_gguf_inputs_are_one_line_errors(tmp_path, monkeypatch):
@@ -193,3 +195,86 @@ def test_eval_and_batched_generation_stop_at_the_end_of_turn(smol_run):
     lines = out.splitlines()
     assert len(lines) == 2 and all(line.strip() for line in lines)
     assert not any("<|im_end|>" in line or "<|im_start|>" in line for line in lines)
+
+
+# --- a few steps of each other training path on the real model -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _smol_recipe(tmp: Path, name: str, **sections) -> Path:
+    """SmolLM2 on 16 quickstart rows (4 held out), 3 steps of 4: enough to see the loss fall on a real model."""
+    data = ROOT / "data" / "quickstart"
+    base = {
+        "model": {"name": "builtin:smollm2-135m", "dtype": "float32"},
+        "data": {"train": str(data / "train.jsonl"), "val": None, "val_fraction": 0.25, "max_samples": 16,
+                 "max_length": 128},
+        "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "samples": 0},
+    }  # fmt: skip
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if key in ("model", "data", "train") else value
+    return make_recipe(tmp, data, name=name, **base)
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row and "step" in row]
+
+
+def test_qlora_trains_on_the_real_model_and_its_adapter_loads_with_peft(smollm2, tmp_path):
+    recipe = _smol_recipe(tmp_path, "qlora", method={"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+                          train={"lr": 2e-3})  # fmt: skip
+    code, out, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "runs" / "qlora"
+    losses = _losses(run)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(run / "final")
+    assert config.r == 8 and Path(config.base_model_name_or_path).resolve() == smollm2.resolve()
+    size = (run / "final" / "adapter_model.safetensors").stat().st_size
+    summary = json.loads((run / "summary.json").read_text())["facts"]
+    assert size < summary["trainable_params"] * 4 * 1.05  # only the LoRA matrices, fp32
+
+
+def test_full_fine_tune_of_the_real_model_then_extract_a_lora_from_it(smollm2, tmp_path):
+    recipe = _smol_recipe(tmp_path, "full", method={"name": "full"}, train={"lr": 2e-5})
+    code, out, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "runs" / "full"
+    losses = _losses(run)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(run / "final").num_hidden_layers == 30  # a whole model, loadable as one
+
+    out_dir = tmp_path / "extracted"
+    code, out, err = run_cli("extract", "--tuned", str(run), "--rank", "8", "--out", str(out_dir))
+    assert code == 0, err
+    report = json.loads((out_dir / "extract_report.json").read_text())
+    assert report and (out_dir / "adapter_config.json").is_file()
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(out_dir).r == 8
+
+
+def test_classification_on_the_real_model(smollm2, tmp_path):
+    data = ROOT / "data" / "classification"
+    recipe = _smol_recipe(
+        tmp_path, "cls", task="classification",
+        method={"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        data={"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "val_fraction": None,
+              "format": "classification", "max_samples": 24, "max_length": 64},
+        train={"lr": 1e-3, "max_steps": 3, "batch_size": 8},
+    )  # fmt: skip
+    code, out, err = run_cli("train", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "runs" / "cls"
+    assert len(_losses(run)) == 3
+    code, out, err = run_cli("eval", str(run), "--json", "--max-samples", "16")
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0.0 <= result["tuned"]["accuracy"] <= 1.0
+    head = json.loads((run / "final" / "adapter_config.json").read_text())["modules_to_save"]
+    assert head and "score" in head  # the new head trains and is saved with the adapter

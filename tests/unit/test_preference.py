@@ -129,9 +129,14 @@ def test_a_long_prompt_is_cut_alike_on_both_sides_and_both_answers_keep_their_eo
     row = {"prompt": "p" * 30, "chosen": "yes", "rejected": "no, never"}
     pair = load_pairs(tmp_path, tok, [PAIR, row], max_length=20)[1]
     assert len(pair.rejected.input_ids) == 20 and len(pair.chosen.input_ids) < 20  # the longer side sets the cut
-    prompt_len = [len(side.input_ids) - sum(label != -100 for label in side.labels) for side in (pair.chosen, pair.rejected)]
+    prompt_len = [
+        len(side.input_ids) - sum(label != -100 for label in side.labels) for side in (pair.chosen, pair.rejected)
+    ]
     assert pair.chosen.input_ids[: prompt_len[0]] == pair.rejected.input_ids[: prompt_len[1]]  # one prompt
-    assert trained(tok, pair.chosen) == "yes" + tok.eos_token and trained(tok, pair.rejected) == "no, never" + tok.eos_token
+    assert (
+        trained(tok, pair.chosen) == "yes" + tok.eos_token
+        and trained(tok, pair.rejected) == "no, never" + tok.eos_token
+    )
 
 
 def test_truncated_pairs_are_counted(tmp_path, tok):
