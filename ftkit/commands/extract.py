@@ -1,6 +1,7 @@
 """`ftkit extract --base BASE --tuned FULL_FT --rank r --out DIR`: a LoRA adapter from a full fine-tune.
 
-For every linear layer (lm_head included) the weight delta is factored by SVD:
+For every linear layer (lm_head included, unless it is tied to the embedding, whose change is then
+reported with the embedding) the weight delta is factored by SVD:
 
     Δ = W_tuned − W_base = U S Vᵀ,   B = U_r √S_r,   A = √S_r V_rᵀ,   so B A = U_r S_r V_rᵀ
 
@@ -86,9 +87,12 @@ def extract_lora(
     tokenizer = load_tokenizer(tuned_target)
     model = load_model(base_target, tokenizer, dtype="float32")
     factors, layers, others = {}, [], []
+    # a weight tied to another (SmolLM2's lm_head is its embedding) is not stored on its own: its change
+    # is the other tensor's, captured there
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) and f"{name}.weight" not in tied:
                 delta = tuned_tensors.get(f"{name}.weight").to(torch.float32) - module.weight.to(torch.float32)
                 layer = factor(delta, rank, energy)
                 layers.append({"module": name, "shape": list(delta.shape), **layer.pop("figures")})
@@ -96,7 +100,7 @@ def extract_lora(
                     factors[name] = layer
         linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         for name, param in model.state_dict().items():
-            if name in linear_weights or not param.is_floating_point():
+            if name in linear_weights or name in tied or not param.is_floating_point():
                 continue
             delta = tuned_tensors.get(name).to(torch.float32) - param.to(torch.float32)
             rel = float(delta.norm() / param.to(torch.float32).norm().clamp_min(1e-12))
