@@ -1,7 +1,7 @@
 """The recipe schema: every key a recipe may hold, with its type, default and meaning.
 
 This file *is* the recipe reference: `scripts/gen_recipe_reference.py` renders
-the README's table from it, and `ftkit validate` checks recipes against it.
+docs/recipe.md's table from it, and `ftkit validate` checks recipes against it.
 Every section forbids unknown keys, so a typo is an error, never a silent default.
 """
 
