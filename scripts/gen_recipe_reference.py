@@ -1,7 +1,7 @@
-"""Render the README's recipe reference from the recipe schema, so the two cannot drift.
+"""Render docs/recipe.md's recipe reference from the recipe schema, so the two cannot drift.
 
-    python scripts/gen_recipe_reference.py           rewrite README.md between the markers
-    python scripts/gen_recipe_reference.py --check   exit 1 if README.md is out of date
+    python scripts/gen_recipe_reference.py           rewrite docs/recipe.md between the markers
+    python scripts/gen_recipe_reference.py --check   exit 1 if docs/recipe.md is out of date
 
 One table per section (key, type, default, description), taken from the pydantic
 fields of `ftkit.recipe.schema.Recipe`; the `method` section lists the keys every
@@ -27,11 +27,11 @@ from ftkit.recipe.schema import Recipe
 
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "recipe.md"
 
 
 def render_reference() -> str:
-    """The markdown placed between the README markers (ends with a newline)."""
+    """The markdown placed between the page's markers (ends with a newline)."""
     parts = [
         "Generated from `ftkit/recipe/schema.py` by `scripts/gen_recipe_reference.py`; do not edit by hand.",
         "Unknown keys are errors. `ftkit validate RECIPE` prints a recipe with every default filled in.",
@@ -104,36 +104,36 @@ def _escape(text: str) -> str:
     return text.replace("\\|", "|").replace("|", "\\|").replace("<", "&lt;")
 
 
-def update_readme_text(readme: str, reference: str) -> str:
-    """`readme` with the text between the markers replaced by `reference`."""
-    start, end = readme.find(START), readme.find(END)
+def update_page_text(page: str, reference: str) -> str:
+    """`page` with the text between the markers replaced by `reference`."""
+    start, end = page.find(START), page.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"README has no {START} ... {END} markers")
-    return readme[: start + len(START)] + "\n" + reference + readme[end:]
+        raise ValueError(f"the page has no {START} ... {END} markers")
+    return page[: start + len(START)] + "\n" + reference + page[end:]
 
 
-def is_readme_current(readme_path: Path = README) -> bool:
-    """True when the reference in `readme_path` is what `render_reference()` gives now."""
-    text = readme_path.read_text(encoding="utf-8")
-    return update_readme_text(text, render_reference()) == text
+def is_page_current(page_path: Path = PAGE) -> bool:
+    """True when the reference in `page_path` is what `render_reference()` gives now."""
+    text = page_path.read_text(encoding="utf-8")
+    return update_page_text(text, render_reference()) == text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
-    parser.add_argument("--readme", type=Path, default=README, help="the README to update (default: the repo's)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is out of date; write nothing")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the page to update (default: docs/recipe.md)")
     args = parser.parse_args(argv)
     if args.check:
-        if is_readme_current(args.readme):
+        if is_page_current(args.page):
             return 0
         print(
-            f"{args.readme}: recipe reference is out of date; run python scripts/gen_recipe_reference.py",
+            f"{args.page}: recipe reference is out of date; run python scripts/gen_recipe_reference.py",
             file=sys.stderr,
         )
         return 1
-    text = args.readme.read_text(encoding="utf-8")
-    args.readme.write_text(update_readme_text(text, render_reference()), encoding="utf-8")
-    print(f"wrote the recipe reference into {args.readme}", file=sys.stderr)
+    text = args.page.read_text(encoding="utf-8")
+    args.page.write_text(update_page_text(text, render_reference()), encoding="utf-8")
+    print(f"wrote the recipe reference into {args.page}", file=sys.stderr)
     return 0
 
 

@@ -91,7 +91,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     peers are gone); each failing process hands its one-line cause to this launcher
     (`hand_over_failure`), which prints the earliest one, the root cause, and returns its
     exit code (2 bad input, 1 runtime, 3 non-finite ...). Multi-node runs use torchrun
-    directly (README).
+    directly (docs/distributed.md).
     """
     # here, not at the top: the CLI imports this module on every command
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

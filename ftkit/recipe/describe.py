@@ -1,6 +1,6 @@
 """Recipe keys as text: the type, default and bounds of a schema field, YAML-flavoured.
 
-Shared by the README's generated recipe reference (scripts/gen_recipe_reference.py) and
+Shared by docs/recipe.md's generated recipe reference (scripts/gen_recipe_reference.py) and
 `ftkit methods NAME`, so both describe a key the same way. Plain text; callers escape.
 """
 

@@ -1,7 +1,7 @@
 """The recipe schema: every key a recipe may hold, with its type, default and meaning.
 
 This file *is* the recipe reference: `scripts/gen_recipe_reference.py` renders
-the README's table from it, and `ftkit validate` checks recipes against it.
+docs/recipe.md's table from it, and `ftkit validate` checks recipes against it.
 Every section forbids unknown keys, so a typo is an error, never a silent default.
 """
 
@@ -92,7 +92,7 @@ class DataSection(Section):
         "default: the labels of data.train, sorted (numerically when all are integers).",
     )
     max_length: int = Field(
-        1024, ge=8, description="Maximum tokens per example; longer ones are truncated and counted."
+        1024, ge=8, description="Maximum tokens per example; a longer one loses the start of its prompt (the answer and its end-of-turn stay whole) and is counted."
     )
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens; by default only the completion is in the loss."

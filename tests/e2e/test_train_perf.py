@@ -44,14 +44,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_plan_commands_run(smollm2, monkeypatch):
-    """The README's `ftkit plan` lines, as written (the quickstart recipe on a 4090 and an H100)."""
+    """docs/performance.md's `ftkit plan` lines, as written (the quickstart recipe on a 4090 and an H100)."""
+    from tests.integration.test_readme import DOCS, blocks
+
+    block = next(b for b in blocks("", DOCS / "performance.md") if b.startswith("ftkit plan"))
+    shown = [line.split("#")[0].split(">")[0].split() for line in block.splitlines()]
+    zero3 = ("--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3")
+    assert shown == [
+        ["ftkit", "plan", "recipes/quickstart.yaml", "--gpu", "4090"],
+        ["ftkit", "plan", "recipes/quickstart.yaml", "--gpu", "h100-80gb", "--json"],
+        ["ftkit", "plan", "recipes/quickstart.yaml", "--gpu", "4090", "--nproc", "4", *zero3],
+    ]
     monkeypatch.chdir(ROOT)
     code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "4090")
     assert (code, out) == (0, "") and "fits 4090" in err
     code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "h100-80gb", "--json")
     plan = json.loads(out)
     assert code == 0 and plan["fits"] and plan["wall_s"] > 0  # epochs over the shipped data: a step count
-    zero3 = ("--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3")
     code, out, err = run_cli("plan", "recipes/quickstart.yaml", "--gpu", "4090", "--nproc", "4", *zero3)
     assert (code, out) == (0, "") and "(4 × deepspeed ZeRO-3)" in err and "fits 4090" in err
 

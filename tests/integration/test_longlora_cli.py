@@ -42,12 +42,12 @@ def test_recipe_refuses_what_s2_attn_cannot_run_with(tmp_path, tiny_data):
 
 
 def test_readme_longlora_commands_run(tmp_path, monkeypatch):
-    """The README's `ftkit train recipes/methods/longlora.yaml ...` lines, cut to two steps; the second
+    """docs/methods.md's `ftkit train recipes/methods/longlora.yaml ...` lines, cut to two steps; the second
     one (position interpolation) leaves base/ with the linear-RoPE config that final/ points to."""
     root = Path(__file__).resolve().parents[2]
     commands = [
         line.split()[1:]
-        for line in (root / "README.md").read_text().splitlines()
+        for line in (root / "docs" / "methods.md").read_text().splitlines()
         if line.strip().startswith("ftkit train recipes/methods/longlora.yaml")
     ]
     assert len(commands) == 2

@@ -1,20 +1,28 @@
-"""The README's "After training" commands run as written on a (very short) quickstart run."""
+"""The after-training commands of docs/after-training.md and the README's main job run as written on a
+(very short) quickstart run."""
 
 from __future__ import annotations
 
 import json
 import shlex
 
-from tests.integration.test_readme import README, blocks, short_val
+from tests.integration.test_readme import DOCS, README, blocks, short_val
 from tests.support.helpers import run_cli
 
 
-def after_training_commands() -> list[list[str]]:
-    """The block's commands as argument lists, split as a shell would (a quoted prompt spans lines)."""
-    block = next(b for b in blocks("") if b.startswith("ftkit eval runs/quickstart"))
+def commands_of(block: str) -> list[list[str]]:
+    """A block's commands as argument lists, split as a shell would (a quoted prompt spans lines)."""
     words = shlex.split(block, comments=True)
     starts = [i for i, word in enumerate(words) if word == "ftkit"] + [len(words)]
     return [words[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def after_training_commands() -> list[list[str]]:
+    """docs/after-training.md's block, then the README main job's commands on the run that it lacks."""
+    page = DOCS / "after-training.md"
+    commands = commands_of(next(b for b in blocks("", page) if b.startswith("ftkit eval runs/quickstart")))
+    main_job = next(b for b in blocks("", README) if b.startswith("ftkit validate recipes/quickstart.yaml"))
+    return commands + [c for c in commands_of(main_job) if c not in commands]
 
 
 def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
@@ -26,7 +34,8 @@ def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
     assert code == 0, err
     ran = set()
     for command in after_training_commands():
-        if "runs/quickstart" not in command:  # merge --config and extract need runs the README only sketches
+        # validate and train are the setup above; merge --config and extract need runs the page only sketches
+        if "runs/quickstart" not in command:
             continue
         args = [str(run) if a == "runs/quickstart" else a for a in command]
         args = [str(tmp_path / a) if a.startswith("merged/") else a for a in args]
@@ -39,6 +48,6 @@ def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
         code, out, err = run_cli(*args)
         assert code == 0, (args, err)
         ran.add(args[0])
-    assert ran == {"eval", "generate", "merge", "export"}
+    assert ran == {"eval", "generate", "merge", "export", "report"}
     assert json.loads((tmp_path / "merged" / "quickstart" / "merge_report.json").read_text())["merge"]["passed"]
     assert (tmp_path / "merged" / "quickstart.gguf").read_bytes()[:4] == b"GGUF"

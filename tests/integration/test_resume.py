@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.test_readme import short_val
+from tests.integration.test_readme import DOCS, blocks, short_val
 from tests.support.faults import injected
 from tests.support.helpers import run_cli
 from tests.support.resume_helpers import (
@@ -230,7 +230,13 @@ def test_damaged_or_finished_runs_are_not_resumed(tmp_path, tiny_data):
 
 def test_readme_stop_and_resume_commands(smollm2, tmp_path, monkeypatch):
     """The README's three commands on the shipped quickstart (the real SmolLM2), shortened to 3 steps
-    of 4 rows and 8 val rows."""
+    of 4 rows and 8 val rows. The commands are docs/reliability.md's."""
+    block = next(b for b in blocks("", DOCS / "reliability.md") if b.startswith("ftkit train recipes/quickstart.yaml"))
+    assert [line.split("#")[0].split() for line in block.splitlines()] == [
+        ["ftkit", "train", "recipes/quickstart.yaml"],
+        ["ftkit", "train", "recipes/quickstart.yaml", "--resume"],
+        ["ftkit", "train", "recipes/quickstart.yaml", "--resume", "runs/quickstart/checkpoints/step-100"],
+    ]
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "quickstart"
     shorter = [f"--set=train.{key}" for key in ("max_steps=3", "save_every=1", "samples=0", "batch_size=4")]

@@ -210,12 +210,13 @@ def test_merge_cli_gives_a_standalone_classifier(class_runs, tmp_path):
 
 
 def test_readme_classification_commands_run(tmp_path, monkeypatch):
-    """The README's Classification block as written (training cut to 3 steps, run dirs in tmp)."""
+    """docs/classification.md's block as written (training cut to 3 steps, run dirs in tmp)."""
     import shlex
 
-    from tests.integration.test_readme import README, blocks
+    from tests.integration.test_readme import DOCS, README, blocks
 
-    block = next(b for b in blocks("") if b.startswith("python scripts/make_classification_data.py"))
+    page = DOCS / "classification.md"
+    block = next(b for b in blocks("", page) if b.startswith("python scripts/make_classification_data.py"))
     words = shlex.split(block, comments=True)
     starts = [i for i, word in enumerate(words) if word == "ftkit"] + [len(words)]
     commands = [words[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]

@@ -272,7 +272,13 @@ def test_every_method_and_objective_trains(short_run):
 def test_readme_dpo_after_sft_commands_run(smollm2, tmp_path, monkeypatch):
     """README's `ftkit train recipes/quickstart.yaml` then `ftkit train recipes/dpo.yaml` on the shipped
     data and the real model (DPO after SFT on SmolLM2): two steps each, 8 val rows (evaluating all 100
-    would dominate the suite's time), the DPO recipe pointed at this SFT run's adapter."""
+    would dominate the suite's time), the DPO recipe pointed at this SFT run's adapter. The commands
+    are docs/preference.md's."""
+    from tests.integration.test_readme import DOCS, blocks
+
+    block = next(b for b in blocks("", DOCS / "preference.md") if b.startswith("ftkit train recipes/quickstart.yaml"))
+    trains = [line.split("#")[0].split() for line in block.splitlines() if line.startswith("ftkit train")]
+    assert trains == [["ftkit", "train", "recipes/quickstart.yaml"], ["ftkit", "train", "recipes/dpo.yaml"]]
     root = Path(__file__).resolve().parents[2]
     for name in ("quickstart", "preference"):
         lines = (root / "data" / name / "val.jsonl").read_text().splitlines(keepends=True)

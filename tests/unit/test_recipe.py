@@ -475,7 +475,7 @@ def test_shipped_recipes_validate_and_round_trip(path):
     assert parse_recipe(dump_recipe(recipe), str(path)).model_dump() == recipe.model_dump()
 
 
-# --- the generated README reference -----------------------------------------------------------
+# --- the generated recipe reference (docs/recipe.md) -----------------------------------------------------------
 
 
 def _reference_script():
@@ -485,18 +485,18 @@ def _reference_script():
     return module
 
 
-def test_readme_recipe_reference_is_current():
+def test_docs_recipe_reference_is_current():
     script = _reference_script()
-    assert script.is_readme_current(), "run: python scripts/gen_recipe_reference.py"
+    assert script.is_page_current(), "run: python scripts/gen_recipe_reference.py"
 
 
 def test_reference_generator_check_and_write(tmp_path):
     script = _reference_script()
-    readme = write_file(tmp_path, f"# x\n\n{script.START}\nstale\n{script.END}\n\nafter\n", name="README.md")
-    assert script.main(["--check", "--readme", str(readme)]) == 1
-    assert script.main(["--readme", str(readme)]) == 0
-    assert script.main(["--check", "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    page = write_file(tmp_path, f"# x\n\n{script.START}\nstale\n{script.END}\n\nafter\n", name="recipe.md")
+    assert script.main(["--check", "--page", str(page)]) == 1
+    assert script.main(["--page", str(page)]) == 0
+    assert script.main(["--check", "--page", str(page)]) == 0
+    text = page.read_text()
     assert "stale" not in text and text.endswith(f"{script.END}\n\nafter\n")
     for heading in ("### `model`", "### `train`", "#### `method.name: lora`", "#### `method.name: full`"):
         assert heading in text
