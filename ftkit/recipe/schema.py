@@ -92,7 +92,10 @@ class DataSection(Section):
         "default: the labels of data.train, sorted (numerically when all are integers).",
     )
     max_length: int = Field(
-        1024, ge=8, description="Maximum tokens per example; a longer one loses the start of its prompt (the answer and its end-of-turn stay whole) and is counted."
+        1024,
+        ge=8,
+        description="Maximum tokens per example; a longer one loses the start of its prompt "
+        "(the answer and its end-of-turn stay whole) and is counted.",
     )
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens; by default only the completion is in the loss."
