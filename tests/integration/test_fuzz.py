@@ -245,8 +245,10 @@ def broken_line(draw) -> str:
         )
     elif kind == "empty answer":
         row["output"] = draw(st.sampled_from(["", "   ", "\n"]))
-    else:  # the prompt alone is longer than max_length: truncation leaves nothing to train on
+    else:  # prompt and answer each longer than max_length: no cut can keep the answer (a long prompt alone
+        # loses its start instead, so the answer stays whole)
         row["instruction"] = "x" * draw(st.integers(100, 200_000))
+        row["output"] = "y" * draw(st.integers(100, 2_000))
     return json.dumps(row)
 
 

@@ -264,7 +264,7 @@ def test_classification_on_the_real_model(smollm2, tmp_path):
     recipe = _smol_recipe(
         tmp_path, "cls", task="classification",
         method={"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        data={"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "val_fraction": None,
+        data={"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "val_fraction": 0.0,
               "format": "classification", "max_samples": 24, "max_length": 64},
         train={"lr": 1e-3, "max_steps": 3, "batch_size": 8},
     )  # fmt: skip
