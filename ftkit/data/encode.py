@@ -17,6 +17,7 @@ max_length loses the start of its prompt, so the last answer and its EOS stay wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 from ftkit.data.formats import Span, render_chat, text_of, to_messages
@@ -118,12 +119,7 @@ def left_cut(sides: list[list[bool]], max_length: int) -> int:
 
 
 def _trailing_true(flags: list[bool]) -> int:
-    count = 0
-    for flag in reversed(flags):
-        if not flag:
-            break
-        count += 1
-    return count
+    return sum(1 for _ in takewhile(bool, reversed(flags)))
 
 
 def _strip_after_eos(text: str, eos: str | None) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.helpers import make_recipe, run_cli
+from tests.support.helpers import make_recipe, read_metrics, run_cli
 
 VOCAB = 49152
 
@@ -217,8 +217,7 @@ def _smol_recipe(tmp: Path, name: str, **sections) -> Path:
 
 
 def _losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row and "step" in row]
+    return [row["loss"] for row in read_metrics(run)[0]]
 
 
 def test_qlora_trains_on_the_real_model_and_its_adapter_loads_with_peft(smollm2, tmp_path):
