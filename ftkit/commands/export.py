@@ -40,7 +40,7 @@ from ftkit.commands.merge import logit_agreement, merge_adapter, score, verifica
 from ftkit.data import render_prompt
 from ftkit.errors import FtkitError, ModelError, RunDirError, VerificationError
 from ftkit.io import messages
-from ftkit.models import gguf_writer
+from ftkit.models import bottleneck, gguf_writer
 from ftkit.models.gguf import local_model
 from ftkit.models.target import Target, load_tokenizer
 from ftkit.tasks import task_of
@@ -76,6 +76,8 @@ def export_gguf(
         raise ModelError(f"--type: {qtype} is not a GGUF type ftkit writes; use one of {', '.join(gguf_writer.TYPES)}")
     if target.is_classifier:
         raise ModelError(f"{target.spec}: a sequence classifier; GGUF holds language models (llama.cpp generates text)")
+    if target.bottleneck:
+        raise ModelError(f"{target.spec}: cannot export: {bottleneck.NOT_MERGEABLE}")
     tokenizer = load_tokenizer(target)
     problems = gguf_writer.export_problems(_skeleton(target), tokenizer, qtype)
     if problems:

@@ -64,7 +64,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, messages, publish
-from ftkit.models import hf_files
+from ftkit.models import bottleneck, hf_files
 from ftkit.models.load import resolve_dtype
 from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer
 from ftkit.tasks import Task, task_of
@@ -206,6 +206,8 @@ def _check_mergeable(target: Target, from_quantized: bool) -> None:
             f"{target.spec}: nothing to merge: {what}, so {target.weights} is already a standalone model "
             "(AutoModelForCausalLM.from_pretrained loads it); merge adapters, or use `ftkit merge --config` for models"
         )
+    if target.bottleneck:
+        raise ModelError(f"{target.spec}: cannot merge: {bottleneck.NOT_MERGEABLE}")
     kind = hf_files.peft_type(hf_files.adapter_config(Path(target.weights)))
     if kind in {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT", "CPT"}:
         raise ModelError(f"{target.weights}: a {kind} adapter adds tokens, it has no weights to merge")

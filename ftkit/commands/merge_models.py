@@ -55,7 +55,7 @@ from transformers import AutoTokenizer
 from ftkit.commands.merge import REPORT_FILE
 from ftkit.errors import FtkitError, ModelError, RecipeError
 from ftkit.io import check_out, publish
-from ftkit.models import hf_files
+from ftkit.models import bottleneck, hf_files
 from ftkit.models.hf_files import Weights, check_same_architecture
 from ftkit.models.target import load_model, load_tokenizer, resolve_target, same_model
 from ftkit.recipe.diagnostics import problems_from_validation
@@ -276,6 +276,8 @@ def model_dir(spec: str, key: str) -> Path:
         target = resolve_target(spec)
     except FtkitError as err:
         raise ModelError(f"{key}: {err}") from None
+    if target.bottleneck:
+        raise ModelError(f"{key}: {spec}: {bottleneck.NOT_MERGEABLE}")
     if target.is_adapter:
         raise ModelError(
             f"{key}: {spec} is an adapter; merge it into its base first (ftkit merge {spec} --out DIR), "
@@ -385,6 +387,8 @@ def combine_adapters(config: MergeConfig, out: Path) -> dict:
         target = resolve_target(entry.model, base=config.base)
         if not target.is_adapter:
             raise ModelError(f"models[{i}].model: {entry.model} is not an adapter; method adapters combines adapters")
+        if target.bottleneck:
+            raise ModelError(f"models[{i}].model: {entry.model}: {bottleneck.NOT_MERGEABLE}")
         targets.append(target)
     if config.base is None:
         for i, target in enumerate(targets[1:], start=1):

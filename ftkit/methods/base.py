@@ -55,6 +55,7 @@ class RunInfo:
     max_length: int | None = None  # data.max_length: the longest training row in tokens (LongLoRA's group size)
     objective: Any = None  # the task's scoring objective (collate / units / loss_sum), for a method's own short runs
     build_optimizer: Callable[[list, Any], Any] | None = None  # (params, train section) -> the recipe's optimizer
+    val_examples: Sequence[Any] = ()  # tokenized validation examples (a method's facts about the val set)
 
 
 @dataclass
@@ -80,6 +81,10 @@ class MethodHooks:
                       checkpoint as method_state.safetensors.
     load_state        `load_state(tensors)` on resume, after the weights and the optimizer state
                       are restored, with the tensors `state()` returned at that checkpoint.
+    facts             `facts() -> {key: JSON value}`: what the method found out about its trained
+                      model (AdapterFusion's weight per adapter on the val set), called once when a
+                      run completes, after final/ is saved; summary.json keeps it under
+                      facts.method_facts and report.md lists it.
     """
 
     param_groups: list[dict] | None = None
@@ -90,3 +95,4 @@ class MethodHooks:
     save_final: Callable[[Any, Path], None] | None = None
     state: Callable[[], dict[str, Any]] | None = None
     load_state: Callable[[dict[str, Any]], None] | None = None
+    facts: Callable[[], dict[str, Any]] | None = None

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from ftkit.errors import ModelError
+from ftkit.rundir import BOTTLENECK_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -198,13 +199,13 @@ def copy_model_config(source_dir: Path, out: Path, dtype: str | None = None, **u
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files holding a folder's weights: the shards its index lists, or the one
-    model file, or an adapter's weights."""
+    model file, or an adapter's weights (peft's, or a bottleneck-adapter checkpoint's)."""
     model_dir = Path(model_dir)
     index = model_dir / WEIGHTS_INDEX
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / name for name in names]
-    for name in (WEIGHTS, ADAPTER_WEIGHTS):
+    for name in (WEIGHTS, ADAPTER_WEIGHTS, BOTTLENECK_WEIGHTS):
         if (model_dir / name).is_file():
             return [model_dir / name]
     raise ModelError(f"{model_dir}: no safetensors weights here ({WEIGHTS}, {WEIGHTS_INDEX} or {ADAPTER_WEIGHTS})")

@@ -5,7 +5,8 @@ argument, resolved here in this order:
 
 1. a run directory (it holds `recipe.yaml`): its `final/`, or `checkpoints/step-N/`
    with `--checkpoint step-N`; the recipe says how the base was loaded (dtype, 4-bit)
-   and which data and format the run trained on;
+   and which data and format the run trained on; a peft adapter there, or ftkit's bottleneck
+   adapters (`bottleneck_config.json`: `Target.bottleneck`, attached by `ftkit.models.bottleneck`);
 2. an adapter directory (it holds `adapter_config.json`): the base is the one its
    `base_model_name_or_path` names, or `--base`;
 3. a model directory (it holds `config.json`);
@@ -32,6 +33,7 @@ from peft import PeftModel
 
 from ftkit.errors import ModelError, RunDirError
 from ftkit.io import messages
+from ftkit.models import bottleneck
 from ftkit.models import load as loading
 from ftkit.models.builtin import is_builtin
 from ftkit.models.gguf import converted_sha256, local_model
@@ -72,6 +74,7 @@ class Target:
     run_dir: Path | None = None
     recipe: Recipe | None = None
     checkpoint: str | None = None  # "final" or "step-N" for runs
+    bottleneck: bool = False  # the adapter is ftkit's bottleneck format (adapter / adapter_fusion), not peft's
 
     @property
     def tokenizer_source(self) -> str:
@@ -180,6 +183,12 @@ def _resolve_run(run_dir: Path, spec: str, checkpoint: str | None, base: str | N
                 f"{weights}/adapter_config.json: base_model_name_or_path is {recorded}, but the run's recipe "
                 f"trained on {trained_base}; pass --base with the one to use"
             )
+    elif bottleneck.is_bottleneck_dir(weights):  # bottleneck adapters sit on the base the run trained on
+        target.is_adapter = target.bottleneck = True
+        if base is not None:
+            if not same_model(base, trained_base):
+                _note(f"note: using --base {base}; the run trained on {trained_base}")
+            target.base = base
     elif base is not None:
         target.base = base  # the model a full fine-tune is compared against with --baseline
     target.model_cfg = model_cfg.model_copy(update={"name": target.base if target.is_adapter else str(weights)})
@@ -284,9 +293,14 @@ def load_model(
     if cfg.quantization is None:
         model = model.to(device_type())
     if target.is_adapter and not base_only:
-        model = attach_adapter(model, target.weights)
+        model = bottleneck.attach(model, target.weights) if target.bottleneck else attach_adapter(model, target.weights)
     model.eval()
     return model
+
+
+def adapter_disabled(target: Target, model: Any) -> Any:
+    """A context in which `model` (`load_model(target, ...)` of an adapter target) computes as its base."""
+    return bottleneck.disabled(model) if target.bottleneck else model.disable_adapter()
 
 
 def attach_adapter(model: Any, adapter_dir: str) -> Any:

@@ -532,6 +532,65 @@ class PTuningConfig(MethodConfig):
         return self
 
 
+# ---------------------------------------------------------------- bottleneck adapters (ftkit's own module)
+
+
+class AdapterConfig(MethodConfig):
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): h' = h + W_up · act(W_down · h), after
+    attention and the MLP (houlsby) or the MLP only (pfeiffer); W_up = 0 at start; only adapters train."""
+
+    name: Literal["adapter"] = "adapter"
+    config: Literal["houlsby", "pfeiffer"] = Field(
+        "pfeiffer",
+        description="Where adapters sit in each decoder layer. houlsby: after the attention block and after the "
+        "MLP; pfeiffer: after the MLP only (half the parameters).",
+    )
+    reduction_factor: float = Field(
+        16, gt=0, description="Bottleneck width = hidden size / reduction_factor (AdapterHub's default 16)."
+    )
+    non_linearity: Literal["relu", "gelu", "swish"] = Field(
+        "relu", description="Activation between the down- and up-projection."
+    )
+    modules_to_save: list[str] | None = Field(None, description=_SAVED)
+    default_lr: ClassVar[float] = 1e-4
+    default_lr_reason: ClassVar[str] = "bottleneck adapters 1e-4: AdapterHub's examples use 1e-4"
+    summary: ClassVar[str] = "bottleneck adapters (Houlsby / Pfeiffer): small residual MLPs after attention and MLP"
+    is_adapter: ClassVar[bool] = False  # final/ is ftkit's bottleneck format, not a peft adapter
+    mergeable: ClassVar[bool] = False
+
+
+class AdapterFusionConfig(MethodConfig):
+    """AdapterFusion (Pfeiffer et al. 2021): N trained bottleneck adapters, frozen, combined per layer by a trained
+    attention h' = h + Σ_i softmax_i(Q h · K f_i(h) / √d) · V f_i(h); only Q, K, V train."""
+
+    name: Literal["adapter_fusion"] = "adapter_fusion"
+    adapters: list[str] = Field(
+        ...,
+        min_length=2,
+        description="Run directories of trained bottleneck-adapter runs (method.name: adapter) on this same base.",
+    )
+    default_lr: ClassVar[float] = 5e-5
+    default_lr_reason: ClassVar[str] = "AdapterFusion 5e-5: Pfeiffer et al. 2021"
+    summary: ClassVar[str] = "AdapterFusion: trained attention over several frozen bottleneck adapters"
+    is_adapter: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+
+
+class LlamaAdapterConfig(MethodConfig):
+    """LLaMA-Adapter (Zhang et al. 2023): the top adapter_layers attention layers also attend to adapter_len trained
+    prompts, their attention scaled by a gate initialised at zero (peft AdaptionPromptConfig)."""
+
+    name: Literal["llama_adapter"] = "llama_adapter"
+    adapter_len: int = Field(10, ge=1, description="Number of trained prompt positions per adapted layer.")
+    adapter_layers: int = Field(
+        30, ge=1, description="How many of the top decoder layers get prompts; at most the model's layer count."
+    )
+    default_lr: ClassVar[float] = 9e-3
+    default_lr_reason: ClassVar[str] = "LLaMA-Adapter 9e-3: Zhang et al. 2023 (base LR 9e-3 at batch 256)"
+    summary: ClassVar[str] = "LLaMA-Adapter: zero-gated trained prompts in the top attention layers (peft)"
+    mergeable: ClassVar[bool] = False
+
+
 # ---------------------------------------------------------------- anything else peft ships
 
 
@@ -588,4 +647,7 @@ METHOD_CONFIGS: tuple[type[MethodConfig], ...] = (
     PrefixTuningConfig,
     PTuningConfig,
     GenericPeftConfig,
+    AdapterConfig,
+    AdapterFusionConfig,
+    LlamaAdapterConfig,
 )

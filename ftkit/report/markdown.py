@@ -66,7 +66,15 @@ def _what_ran_rows(facts: dict) -> list[list[str]]:
         ["device", _s(f("device"))],
         ["status", _s(f("status"))],
     ]
+    # what the method found out about its trained model (MethodHooks.facts), one row per key
+    rows += [[key.replace("_", " "), _method_fact(value)] for key, value in (f("method_facts") or {}).items()]
     return rows
+
+
+def _method_fact(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    return _s(value)
 
 
 def _figure_rows(summary: dict) -> list[list[str]]:

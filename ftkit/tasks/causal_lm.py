@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import torch
 
 from ftkit.data import Example, collate, render_prompt
-from ftkit.models.target import Target, load_model
+from ftkit.models.target import Target, adapter_disabled, load_model
 from ftkit.recipe.schema import Recipe
 from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation, compared, trained_tokens
 from ftkit.tasks.generation import (
@@ -206,7 +206,7 @@ def evaluate_text(target: Target, tokenizer: Any, evalset: EvalSet, options: Eva
 
     def base_scope(model: Any) -> Any:
         """A context in which `model` is the base: the adapter switched off (full fine-tunes: not used)."""
-        return model.disable_adapter() if target.is_adapter else contextlib.nullcontext()
+        return adapter_disabled(target, model) if target.is_adapter else contextlib.nullcontext()
 
     model = load_model(target, tokenizer)
     tuned = token_scores(model, pad_id, evalset.examples, batch_size)

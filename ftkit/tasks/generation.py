@@ -199,6 +199,8 @@ def vllm_can_serve(target: Target) -> str | None:
     """Why vLLM cannot serve this target (None when it can): it has no LoRA support for modules_to_save."""
     if not target.is_adapter:
         return None
+    if target.bottleneck:
+        return "bottleneck adapters are ftkit's own modules, which vLLM cannot load"
     config = adapter_config(Path(target.weights))
     if getattr(config, "modules_to_save", None):
         return "the adapter trains whole modules (modules_to_save), which vLLM's LoRA cannot load"

@@ -46,9 +46,10 @@ def finish(
     state: TrainState,
     stop: StopSignals,
     checkpointer: Checkpointer,
-) -> None:
+) -> dict | None:
     """After the loop: a run a signal stopped saves a checkpoint and raises Interrupted;
-    a completed one writes final/ and the samples."""
+    a completed one writes final/ and the samples, and returns the method's facts (MethodHooks.facts)
+    about the trained model, or None."""
     run_dir = Path(recipe.output_dir)
     if state.step < inputs.total_steps:  # a signal stopped the loop at a step boundary
         checkpointer.save_unless_saved(state)
@@ -58,6 +59,7 @@ def finish(
             exit_code(stop.signum),
         )
     save_final(recipe, accelerator, trainable)
+    method_facts = trainable.hooks.facts() if trainable.hooks.facts is not None else None
     # every process generates (a sharded model gathers in forward), so all must agree
     splits = inputs.splits
     if (
@@ -75,6 +77,7 @@ def finish(
             accelerator.device,
             write=accelerator.is_main_process,
         )
+    return method_facts
 
 
 def save_final(recipe: Recipe, accelerator: Any, trainable: Trainable) -> None:
@@ -149,6 +152,7 @@ class Outcome:
         self.status = "completed"
         self.wall_s = 0.0
         self.summary: dict = {}
+        self.method_facts: dict | None = None  # set from finish(): MethodHooks.facts of a completed run
 
     def __enter__(self) -> Outcome:
         return self
@@ -169,6 +173,8 @@ class Outcome:
             self.resumed_from_step,
             self.objective_facts,
         )
+        if self.method_facts:
+            facts["method_facts"] = self.method_facts
         try:
             self.summary = write_report(self.run_dir, facts) if self.accelerator.is_main_process else {}
         except OSError as report_err:  # e.g. the disk filled up: never hide the failure that brought us here

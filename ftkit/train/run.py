@@ -94,6 +94,6 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool | str | P
                         hooks,
                         objective=objective,
                     )
-                finish(recipe, accelerator, inputs, trainable, task, state, stop, checkpointer)
+                outcome.method_facts = finish(recipe, accelerator, inputs, trainable, task, state, stop, checkpointer)
         log(outcome.done())
         return outcome.summary

@@ -217,6 +217,7 @@ def build_trainable(
         max_length=recipe.data.max_length,
         objective=task.scoring_objective(recipe),
         build_optimizer=build_optimizer,
+        val_examples=inputs.splits.val,
     )
     set_seed(cfg.seed)  # adapter init must not depend on how many random numbers loading drew
     model = method.apply(model, recipe.method, run_info)

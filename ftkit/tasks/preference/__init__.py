@@ -23,7 +23,7 @@ import torch
 from ftkit.data import PreferencePair
 from ftkit.data.splits import sequences
 from ftkit.io import messages
-from ftkit.models.target import Target, device_type, load_model
+from ftkit.models.target import Target, adapter_disabled, device_type, load_model
 from ftkit.recipe.schema import PREFERENCE_OBJECTIVES, ObjectiveSection, Recipe
 from ftkit.tasks.causal_lm import SFT, CausalLMTask, text_fields
 from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation
@@ -197,7 +197,7 @@ def evaluate_pairs(
     base = None
     if baseline:  # the reference as the policy (its own reference, unless the pairs carry precomputed ones)
         if target.is_adapter:
-            with model.disable_adapter():
+            with adapter_disabled(target, model):
                 base = score(model, model)
         else:
             loaded = reference_model is not None
