@@ -64,3 +64,26 @@ def smollm2(tmp_path_factory) -> Path:
         pytest.skip(str(err))
     os.environ["FTKIT_CACHE"] = str(tmp_path_factory.mktemp("ftkit-cache"))
     return converted_model_dir(gguf_file)
+
+
+@pytest.fixture(scope="session")
+def bottleneck_adapter_runs(tmp_path_factory, pretrained_base, steer_data) -> list[Path]:
+    """Two finished bottleneck-adapter runs on the pretrained base (houlsby and pfeiffer, 10 steps each),
+    for adapter_fusion to fuse."""
+    from tests.support.helpers import make_recipe, run_cli
+
+    root = tmp_path_factory.mktemp("bottleneck-runs")
+    runs = []
+    for name, config, seed in (("houlsby", "houlsby", 1), ("pfeiffer", "pfeiffer", 2)):
+        recipe = make_recipe(
+            root,
+            steer_data,
+            name=name,
+            model={"name": str(pretrained_base)},
+            method={"name": "adapter", "config": config, "reduction_factor": 4},
+            train={"max_steps": 10, "samples": 0, "seed": seed},
+        )
+        code, _, err = run_cli("train", str(recipe))
+        assert code == 0, err
+        runs.append(root / "runs" / name)
+    return runs

@@ -17,7 +17,7 @@ from ftkit.tasks import task_for
 from ftkit.tasks.causal_lm import SFT, token_logits
 from ftkit.tasks.objective import evaluate
 from ftkit.train.optim import build_optimizer
-from tests.support.helpers import read_metrics
+from tests.support.helpers import read_metrics, run_cli
 from tests.support.methods_table import METHOD_CASES, Run, row_trainer
 
 RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final", "summary.json", "loss.png", "report.md"}
@@ -44,6 +44,14 @@ def load_final(run: Run):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     final = run.run_dir / "final"
+    if (final / "bottleneck_config.json").is_file():
+        # ftkit's bottleneck adapters: the transformers base, and the adapters attached from final/'s
+        # safetensors and config (ftkit.models.bottleneck, what eval and generate use)
+        from ftkit.models import bottleneck
+
+        recipe = load_recipe(run.recipe)
+        base_dir = run.run_dir / "base" if (run.run_dir / "base").is_dir() else recipe.model.name
+        return bottleneck.attach(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), final)
     if (final / "adapter_config.json").is_file():
         recipe = load_recipe(run.recipe)
         kwargs = {}
@@ -142,6 +150,11 @@ def test_merge_equals_adapter(trained):
     """merge_and_unload folds the adapter into W: same logits within fp32 rounding (1e-4 on
     logits of magnitude ~10); prompt methods have nothing to fold and peft has no merge for them."""
     recipe = load_recipe(trained.recipe)
+    if recipe.method.name in ("adapter", "adapter_fusion"):
+        code, out, err = run_cli("merge", str(trained.run_dir), "--out", str(trained.run_dir.parent / "merged"))
+        assert code == 2 and out == "" and "not linear in the base weights" in err
+        assert len(err.strip().splitlines()) == 1 and not (trained.run_dir.parent / "merged").exists()
+        return
     if not recipe.method.is_adapter:
         pytest.skip("full and freeze save a whole model: nothing to merge")
     model = load_final(trained)

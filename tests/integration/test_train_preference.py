@@ -19,7 +19,7 @@ from ftkit.data import load_splits
 from ftkit.recipe import load_recipe
 from ftkit.tasks.preference import evaluate_preferences
 from tests.support.helpers import make_recipe, make_rows, read_metrics, run_cli, write_jsonl
-from tests.support.methods_table import METHOD_CASES
+from tests.support.methods_table import METHOD_CASES, resolved
 
 
 def load_garble():
@@ -217,6 +217,7 @@ RUNS["dpo-sft_weight"] = (METHOD_CASES["lora"], {"name": "dpo", "sft_weight": 1.
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def short_run(request, tmp_path_factory, pair_data):
     case, objective = RUNS[request.param]
+    case = resolved(case, request)  # adapter_fusion: the adapter runs it fuses
     tmp = tmp_path_factory.mktemp(request.param)
     # AdaLoRA reallocates its rank budget between tinit and total - tfinal: leave it room
     train = {**case.get("train", {}), "max_steps": 8 if case["method"]["name"] == "adalora" else 4}

@@ -18,6 +18,18 @@ from pathlib import Path
 from tests.support.helpers import make_recipe, run_cli
 
 PRETRAINED = "pretrained"
+#: stands for the run directories of two finished bottleneck-adapter runs on the pretrained base
+#: (the session fixture `bottleneck_adapter_runs`), which an adapter_fusion row fuses
+ADAPTER_RUNS = "<bottleneck adapter runs>"
+
+
+def resolved(case: dict, request) -> dict:
+    """`case` with its ADAPTER_RUNS marker replaced by the runs of the `bottleneck_adapter_runs` fixture."""
+    method = case.get("method", {})
+    if method.get("adapters") != ADAPTER_RUNS:
+        return case
+    runs = [str(path) for path in request.getfixturevalue("bottleneck_adapter_runs")]
+    return {**case, "method": {**method, "adapters": runs}}
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,7 @@ def row_trainer(request, tmp_path_factory, cases: dict[str, dict], data_for: Cal
 
     def get(name: str) -> Run:
         if name not in done:
-            case = dict(cases[name])
+            case = dict(resolved(cases[name], request))
             pretrained = case.pop("base", None) == PRETRAINED
             if pretrained:
                 case["model"] = {"name": str(request.getfixturevalue("pretrained_base"))}
@@ -157,6 +169,28 @@ METHOD_CASES: dict[str, dict] = {
         "base": PRETRAINED,
         "method": {"name": "peft", "type": "fourierft", "n_frequency": 500, "scaling": 300.0, "init_weights": True},
         "train": {"lr": 1e-2},
+    },
+    # ---- ftkit's own bottleneck adapters (tests/unit/test_bottleneck.py checks step 0 = the base)
+    "adapter_houlsby": {
+        "base": PRETRAINED,
+        "method": {"name": "adapter", "config": "houlsby", "reduction_factor": 4},
+        "train": {"lr": 1e-2, "save_every": 10},
+    },
+    "adapter_pfeiffer": {
+        "base": PRETRAINED,
+        "method": {"name": "adapter", "config": "pfeiffer", "reduction_factor": 2, "non_linearity": "gelu"},
+        "train": {"lr": 1e-2},
+    },
+    # fuses a houlsby and a pfeiffer run of 10 steps each (conftest.py: bottleneck_adapter_runs)
+    "adapter_fusion": {
+        "base": PRETRAINED,
+        "method": {"name": "adapter_fusion", "adapters": ADAPTER_RUNS},
+        "train": {"lr": 1e-2, "save_every": 10},
+    },
+    "llama_adapter": {
+        "base": PRETRAINED,
+        "method": {"name": "llama_adapter", "adapter_len": 8, "adapter_layers": 2},
+        "train": {"lr": 3e-2},
     },
 }
 
