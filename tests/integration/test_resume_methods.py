@@ -85,3 +85,37 @@ def test_adalora_resume_restores_scores_and_rank_pattern(tmp_path, tiny_data, re
     pattern = json.loads((run_dir / "final" / "adapter_config.json").read_text())["rank_pattern"]
     assert pattern == json.loads((ref_dir / "final" / "adapter_config.json").read_text())["rank_pattern"]
     assert pattern and not all(all(mask) for mask in pattern.values())  # the budget did cut ranks
+
+
+# --- bottleneck adapters, AdapterFusion and LLaMA-Adapter: their weights are all their state ----------------------
+
+ADAPTER_VARIANTS = {
+    "adapter": {"method": {"name": "adapter", "config": "houlsby", "reduction_factor": 4}},
+    "llama_adapter": {"method": {"name": "llama_adapter", "adapter_len": 4, "adapter_layers": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_variants(pretrained_base, bottleneck_adapter_runs) -> dict:
+    found = {name: sections(**variant) for name, variant in ADAPTER_VARIANTS.items()}
+    found["adapter_fusion"] = sections(
+        model={"name": str(pretrained_base)},
+        method={"name": "adapter_fusion", "adapters": [str(run) for run in bottleneck_adapter_runs]},
+    )
+    return found
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter_fusion", "llama_adapter"])
+def test_adapter_methods_resume_equals_the_uninterrupted_run(
+    tmp_path_factory, tmp_path, tiny_data, adapter_variants, name
+):
+    """A checkpoint of a bottleneck run holds the adapters only (not the base), and resuming from it is exact."""
+    reference = reference_runs(tmp_path_factory, tiny_data, f"ref-{name}", adapter_variants)
+    code, _, run_dir = train(tmp_path, tiny_data, name, fault="sigterm@step:5", **adapter_variants[name])
+    assert code == 143
+    if name != "llama_adapter":
+        saved = sorted(p.name for p in (run_dir / "checkpoints" / "step-4").glob("*.safetensors"))
+        assert saved == ["bottleneck_model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+    code, err, run_dir = train(tmp_path, tiny_data, name, "--resume")
+    assert code == 0, err
+    assert_same_run(reference(name)[0], run_dir)

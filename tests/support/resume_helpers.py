@@ -84,6 +84,8 @@ def trajectory(run_dir: Path) -> list[dict]:
 def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     final = run_dir / "final"
     file = final / "adapter_model.safetensors"
+    if (final / "bottleneck_model.safetensors").is_file():  # method adapter / adapter_fusion
+        file = final / "bottleneck_model.safetensors"
     return load_file(file if file.is_file() else final / "model.safetensors")
 
 
