@@ -263,3 +263,17 @@ def test_cli_plan_prints_per_gpu_beside_one_gpu(tmp_path, tiny_data):
     assert plan["processes"] == 4 and plan["per_gpu"]["strategy"] == "deepspeed ZeRO-3"
     assert "one GPU" in err and "per GPU" in err and "(4 × deepspeed ZeRO-3)" in err
     assert plan["per_gpu"]["memory"]["optimizer"] < plan["memory"]["optimizer"]
+
+
+@pytest.mark.parametrize(
+    ("method", "keys", "expected"),
+    [
+        # per site 2·4096·256 + 256 + 4096 (reduction 16: bottleneck 256), 2 sites (houlsby) or 1 × 32 layers
+        ("adapter", {"method__config": "houlsby"}, 2 * 32 * (2 * 4096 * 256 + 256 + 4096)),
+        ("adapter", {"method__config": "pfeiffer"}, 32 * (2 * 4096 * 256 + 256 + 4096)),
+        # peft's adaption prompt (10 × 4096) and its gate, in the top 30 layers
+        ("llama_adapter", {}, 30 * (10 * 4096 + 1)),
+    ],
+)
+def test_parameter_counts_of_the_adapter_methods_on_llama_31_8b(model_dirs, method, keys, expected):
+    assert plan_of(model_dirs["8b"], method, **keys).params_trainable == expected
