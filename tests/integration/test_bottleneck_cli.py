@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from transformers import GPT2Config
@@ -138,3 +139,36 @@ def test_llama_adapter_refuses_more_layers_than_the_model_has(tmp_path, tiny_dat
     recipe = make_recipe(tmp_path, tiny_data, method={"name": "llama_adapter", "adapter_layers": 30})
     line = refused(tmp_path, recipe)
     assert "method.adapter_layers: 30 is more than the model's 2 decoder layers; set it to at most 2" in line
+
+
+def test_docs_adapter_commands_run(tmp_path, monkeypatch):
+    """docs/methods.md's adapter / AdapterFusion / LLaMA-Adapter commands as written (cut to two steps),
+    from a folder that sees the repository's data/ and recipes/: the fusion recipe finds the two adapter
+    runs the commands before it made, where its comments say."""
+    from tests.integration.test_readme import DOCS, blocks
+
+    root = Path(__file__).resolve().parents[2]
+    commands = [
+        line.split()[1:]
+        for block in blocks("", DOCS / "methods.md")
+        for line in block.splitlines()
+        if "recipes/methods/adapter" in line or "recipes/methods/llama_adapter" in line or "eval runs/" in line
+    ]
+    assert [c[1] for c in commands] == [
+        "recipes/methods/adapter.yaml",
+        "recipes/methods/adapter.yaml",
+        "recipes/methods/adapter_fusion.yaml",
+        "runs/methods/adapter_fusion",
+        "recipes/methods/llama_adapter.yaml",
+    ]
+    for name in ("data", "recipes"):
+        (tmp_path / name).symlink_to(root / name)
+    monkeypatch.chdir(tmp_path)
+    short = [f"--set={key}" for key in ("train.max_steps=2", "train.samples=0", "train.batch_size=4")]
+    short += [f"--set={key}" for key in ("data.max_samples=8", "data.val=null", "data.val_fraction=0.5")]
+    for args in commands:
+        extra = short if args[0] == "train" else ["--max-samples", "2"]
+        code, out, err = run_cli(*args, *extra)
+        assert code == 0, err
+    facts = json.loads((tmp_path / "runs/methods/adapter_fusion/summary.json").read_text())["facts"]
+    assert list(facts["method_facts"]["fusion_weights"]) == ["runs/methods/adapter", "runs/methods/adapter-pfeiffer"]
