@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ftkit.data import collate
+from ftkit.data.splits import sequences
 from ftkit.errors import FtkitError, ModelError
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.models import bottleneck as bn
@@ -172,8 +172,9 @@ def apply_fusion(model: Any, config: AdapterFusionConfig) -> Any:
     return model
 
 
-def fusion_weights(model: Any, examples: list, batch_size: int, pad_id: int, device: Any) -> dict[str, float]:
-    """The fusion's mean softmax weight per adapter over every token of `examples` and every site."""
+def fusion_weights(model: Any, examples: list, run: RunInfo) -> dict[str, float]:
+    """The fusion's mean softmax weight per adapter over every token of `examples` (batches of the
+    task's scoring objective, `run.objective`) and every site."""
     fusions = bn.fusions(model)
     for fusion in fusions:
         fusion.weight_sum.zero_()
@@ -181,11 +182,12 @@ def fusion_weights(model: Any, examples: list, batch_size: int, pad_id: int, dev
         fusion.record = True
     was_training = model.training
     model.eval()
+    batch_size = run.train.batch_size if run.train is not None else 8
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start : start + batch_size], pad_id)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                batch = run.objective.collate(examples[start : start + batch_size], run.pad_id or 0)
+                run.objective.loss_sum(model, {k: v.to(run.device or "cpu") for k, v in batch.items()})
     finally:
         for fusion in fusions:
             fusion.record = False
@@ -200,10 +202,9 @@ def hooks(model: Any, config: AdapterConfig | AdapterFusionConfig, run: RunInfo)
         return MethodHooks()
 
     def facts() -> dict:
-        examples = list(run.val_examples) or list(run.examples)
+        examples = sequences(list(run.val_examples) or list(run.examples))  # both answers of preference pairs
         split = "val" if run.val_examples else "train"
-        batch = run.train.batch_size if run.train is not None else 8
-        weights = fusion_weights(model, examples, batch, run.pad_id or 0, run.device or "cpu")
+        weights = fusion_weights(model, examples, run)
         return {
             "fusion_weights": {config.adapters[int(i)]: round(w, 4) for i, w in weights.items()},
             "fusion_weights_split": split,
