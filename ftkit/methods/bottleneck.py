@@ -86,6 +86,7 @@ def _save_trained_only(model: Any, record: dict) -> None:
         bn.save(model, Path(out_dir), record)
 
     model.save_pretrained = save_pretrained
+    model.saves_trained_weights_only = True  # what ftkit.train.checkpoint sizes a checkpoint by
 
 
 # ---------------------------------------------------------------- adapter_fusion

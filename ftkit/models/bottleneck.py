@@ -298,7 +298,11 @@ def attach(model: Any, path: Path) -> Any:
     else:
         add_adapters(model, config)
     tensors = load_file(str(Path(path) / BOTTLENECK_WEIGHTS))
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # torch's size-mismatch report: adapters trained on another base
+        first = str(err).strip().splitlines()[0]
+        raise ModelError(f"{path}: the adapters do not fit this base model ({first}); check --base") from err
     if result.unexpected_keys:
         raise ModelError(
             f"{path}/{BOTTLENECK_WEIGHTS}: tensors this base does not have ({', '.join(result.unexpected_keys[:3])}); "

@@ -535,6 +535,17 @@ class PTuningConfig(MethodConfig):
 # ---------------------------------------------------------------- bottleneck adapters (ftkit's own module)
 
 
+def _whole_model_problems(method: str, recipe: Any) -> list[str]:
+    """Bottleneck adapters save from the whole, unsharded model (ftkit.models.bottleneck.save)."""
+    strategy = recipe.distributed.strategy
+    if strategy == "ddp":
+        return []
+    return [
+        f"distributed.strategy: method {method} saves its adapters from the whole model, which {strategy} splits "
+        "over processes; use distributed.strategy: ddp"
+    ]
+
+
 class AdapterConfig(MethodConfig):
     """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): h' = h + W_up · act(W_down · h), after
     attention and the MLP (houlsby) or the MLP only (pfeiffer); W_up = 0 at start; only adapters train."""
@@ -558,6 +569,9 @@ class AdapterConfig(MethodConfig):
     is_adapter: ClassVar[bool] = False  # final/ is ftkit's bottleneck format, not a peft adapter
     mergeable: ClassVar[bool] = False
 
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        return _whole_model_problems(self.name, recipe)
+
 
 class AdapterFusionConfig(MethodConfig):
     """AdapterFusion (Pfeiffer et al. 2021): N trained bottleneck adapters, frozen, combined per layer by a trained
@@ -574,6 +588,9 @@ class AdapterFusionConfig(MethodConfig):
     summary: ClassVar[str] = "AdapterFusion: trained attention over several frozen bottleneck adapters"
     is_adapter: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        return _whole_model_problems(self.name, recipe)
 
 
 class LlamaAdapterConfig(MethodConfig):

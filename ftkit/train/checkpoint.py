@@ -243,7 +243,8 @@ def estimate_checkpoint_bytes(model: Any, optimizer_name: str) -> int:
     fp32), two uint8 moments for the 8-bit optimizers (their 32-bit fallback for tensors
     under 4096 elements and the quantile maps are small enough to ignore here).
     """
-    is_adapter = hasattr(model, "peft_config")
+    # a method that saves its trained tensors only (bottleneck adapters) is sized like an adapter
+    is_adapter = hasattr(model, "peft_config") or getattr(model, "saves_trained_weights_only", False)
     weights = optimizer = 0
     for param in model.parameters():
         size = param.numel() * param.element_size()

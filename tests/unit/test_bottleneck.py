@@ -123,3 +123,23 @@ def test_a_layer_without_self_attn_is_refused_for_houlsby_only():
     (problem,) = get_method("adapter").run_problems(AdapterConfig(config="houlsby"), model, RunInfo())
     assert "has no model.layers[i].self_attn" in problem
     assert get_method("adapter").run_problems(AdapterConfig(config="pfeiffer"), model, RunInfo()) == []
+
+
+def test_a_checkpoint_is_sized_as_the_adapters_only():
+    from ftkit.train.checkpoint import estimate_checkpoint_bytes
+
+    model = get_method("adapter").apply(micro(), AdapterConfig(), RunInfo())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate_checkpoint_bytes(model, "adamw") == 3 * 4 * trained  # fp32 weights and two moments
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_fusion"])
+def test_a_sharding_strategy_is_refused_naming_the_key(method):
+    from ftkit.errors import RecipeError
+    from ftkit.recipe import parse_recipe
+
+    section = "{name: adapter}" if method == "adapter" else "{name: adapter_fusion, adapters: [a, b]}"
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(f"method: {section}\ndata: {{train: d.jsonl}}\ndistributed: {{strategy: fsdp}}\n")
+    (problem,) = caught.value.problems
+    assert "distributed.strategy: method " in problem and "use distributed.strategy: ddp" in problem
