@@ -157,8 +157,8 @@ def apply_fusion(model: Any, config: AdapterFusionConfig) -> Any:
     if problems:
         raise ModelError(problems[0])
     record = fused_record(records)
-    model.requires_grad_(False)
     bn.add_fusion(model, record["adapters"])
+    model.requires_grad_(False)  # the base and the adapters it fuses
     state = {}
     for i, entry in enumerate(records):
         for name, tensor in bn.load_file(str(Path(entry["path"]) / bn.BOTTLENECK_WEIGHTS)).items():

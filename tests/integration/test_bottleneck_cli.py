@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import GPT2Config
 
 from ftkit.models.builtin import build_byte_tokenizer
@@ -52,6 +53,21 @@ def test_fusion_reports_how_it_weighs_each_adapter_on_val(fusion_run):
     assert config["method"] == "adapter_fusion" and len(config["adapters"]) == 2
 
 
+def test_fusion_trains_the_fusion_layers_only(fusion_run):
+    """final/ holds each fused adapter exactly as its own run saved it, and the trained fusion layers."""
+    from safetensors.torch import load_file
+
+    run_dir, adapters = fusion_run
+    fused = load_file(run_dir / "final" / "bottleneck_model.safetensors")
+    for i, adapter in enumerate(adapters):
+        for name, tensor in load_file(f"{adapter}/final/bottleneck_model.safetensors").items():
+            head, _, tail = name.partition(".bottleneck.")
+            assert torch.equal(fused[f"{head}.bottleneck_fusion.adapters.{i}.{tail}"], tensor), name
+    summary = json.loads((run_dir / "summary.json").read_text())["facts"]
+    fusion_params = sum(t.numel() for n, t in fused.items() if ".fusion." in n)
+    assert summary["trainable_params"] == fusion_params
+
+
 def test_eval_and_generate_load_a_fusion_run(fusion_run):
     run_dir, _ = fusion_run
     code, out, err = run_cli("eval", str(run_dir), "--json", "--baseline", "--max-samples", "4")
@@ -65,7 +81,6 @@ def test_eval_and_generate_load_a_fusion_run(fusion_run):
 def test_llama_adapter_generates_with_the_kv_cache(tmp_path, steer_data, pretrained_base):
     """peft's adaption prompts with transformers' KV cache: the greedy text of `ftkit generate` equals
     a cache-free greedy decode of the same model."""
-    import torch
 
     from ftkit.models.target import load_model, load_tokenizer, resolve_target
 
