@@ -25,6 +25,7 @@ import torch
 
 from ftkit.data.splits import sequences
 from ftkit.errors import FtkitError, ModelError
+from ftkit.methods.adapters import CLASSIFIER_HEADS, is_classifier
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.models import bottleneck as bn
 from ftkit.models.target import resolve_target, same_model
@@ -67,11 +68,14 @@ def apply(model: Any, config: AdapterConfig | AdapterFusionConfig, run: RunInfo)
     if isinstance(config, AdapterFusionConfig):
         return apply_fusion(model, config)
     record = adapter_record(config)
+    if is_classifier(model):  # a classifier's new head trains and is saved, as peft's SEQ_CLS does
+        heads = [head for head in CLASSIFIER_HEADS if hasattr(model, head) and head not in record["modules_to_save"]]
+        record["modules_to_save"] += heads
     model.requires_grad_(False)
     bn.add_adapters(model, record)
     for site in bn.adapter_modules(model):
         site.requires_grad_(True)
-    saved = set(config.modules_to_save or [])
+    saved = set(record["modules_to_save"])
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in saved:
             module.requires_grad_(True)

@@ -143,3 +143,15 @@ def test_a_sharding_strategy_is_refused_naming_the_key(method):
         parse_recipe(f"method: {section}\ndata: {{train: d.jsonl}}\ndistributed: {{strategy: fsdp}}\n")
     (problem,) = caught.value.problems
     assert "distributed.strategy: method " in problem and "use distributed.strategy: ddp" in problem
+
+
+def test_a_classifier_s_new_head_trains_and_is_saved(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    config = builtin_config("builtin:micro-llama")
+    config.num_labels = 3
+    model = get_method("adapter").apply(LlamaForSequenceClassification(config), AdapterConfig(), RunInfo())
+    assert model.score.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    assert bn.read_config(tmp_path)["modules_to_save"] == ["score"]
+    assert "score.weight" in bn.load_file(str(tmp_path / "bottleneck_model.safetensors"))
