@@ -187,3 +187,15 @@ def test_docs_adapter_commands_run(tmp_path, monkeypatch):
         assert code == 0, err
     facts = json.loads((tmp_path / "runs/methods/adapter_fusion/summary.json").read_text())["facts"]
     assert list(facts["method_facts"]["fusion_weights"]) == ["runs/methods/adapter", "runs/methods/adapter-pfeiffer"]
+
+
+@pytest.mark.parametrize("method", ["linear", "adapters"])
+def test_merge_config_and_export_refuse_bottleneck_runs_with_the_reason(tmp_path, bottleneck_adapter_runs, method):
+    runs = [str(run) for run in bottleneck_adapter_runs]
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"method: {method}\nmodels:\n  - {{model: {runs[0]}}}\n  - {{model: {runs[1]}}}\n")
+    code, out, err = run_cli("merge", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert (code, out) == (2, "") and "not linear in the base weights" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code, out, err = run_cli("export", runs[0], "--gguf", str(tmp_path / "m.gguf"))
+    assert (code, out) == (2, "") and "cannot export: bottleneck adapters" in err and not (tmp_path / "m.gguf").exists()
