@@ -156,6 +156,7 @@ def test_llama_adapter_refuses_more_layers_than_the_model_has(tmp_path, tiny_dat
     assert "method.adapter_layers: 30 is more than the model's 2 decoder layers; set it to at most 2" in line
 
 
+@pytest.mark.slow  # ~19 s: four tiny-llama runs and an eval
 def test_docs_adapter_commands_run(tmp_path, monkeypatch):
     """docs/methods.md's adapter / AdapterFusion / LLaMA-Adapter commands as written (cut to two steps),
     from a folder that sees the repository's data/ and recipes/: the fusion recipe finds the two adapter
