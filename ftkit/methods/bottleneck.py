@@ -28,6 +28,7 @@ from ftkit.errors import FtkitError, ModelError
 from ftkit.methods.adapters import CLASSIFIER_HEADS, is_classifier
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.models import bottleneck as bn
+from ftkit.models import hf_files
 from ftkit.models.target import resolve_target, same_model
 from ftkit.recipe.methods import AdapterConfig, AdapterFusionConfig
 
@@ -54,6 +55,8 @@ def run_problems(config: AdapterConfig | AdapterFusionConfig, skeleton: Any, run
             sites = tuple(s for s in ("self_attn", "mlp") if any(s in bn.SITES[r["config"]] for r in records))
             problem = bn.layout_problem(skeleton, sites, config.name)
             problems += [problem] if problem else []
+        if records and not problems:
+            problems += _shape_problems(config, records[0]["base"], skeleton)
         return problems
     problem = bn.layout_problem(skeleton, bn.SITES[config.config], config.name)
     problems = [problem] if problem else []
@@ -139,6 +142,26 @@ def fusion_inputs(config: AdapterFusionConfig) -> tuple[list[str], list[dict]]:
     return problems, records
 
 
+#: config keys that must agree between the fused adapters' base and this run's model
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def _shape_problems(config: AdapterFusionConfig, base: str, skeleton: Any) -> list[str]:
+    """The adapters' base and this run's model differ in shape (before any weight loads)."""
+    try:
+        theirs = hf_files.model_config(Path(base)).to_dict()
+    except (FtkitError, OSError, ValueError):
+        return []  # a base that is not a local folder: apply_fusion compares what it can
+    ours = skeleton.config.to_dict()
+    for key in SHAPE_KEYS:
+        if theirs.get(key) != ours.get(key):
+            return [
+                f"method.adapters[0]: {config.adapters[0]} was trained on {base} ({key} {theirs.get(key)}), this "
+                f"run's model has {key} {ours.get(key)}; set model.name to the base the adapters were trained on"
+            ]
+    return []
+
+
 def _same_weights(a: str, b: str) -> bool:
     """Two built-in bases written into different runs' base/ folders are the same model when their
     config and weight files are byte-identical."""
@@ -160,6 +183,12 @@ def apply_fusion(model: Any, config: AdapterFusionConfig) -> Any:
     problems, records = fusion_inputs(config)
     if problems:
         raise ModelError(problems[0])
+    base, ours = records[0]["base"], str(getattr(model, "name_or_path", "") or "")
+    if Path(ours).is_dir() and not (same_model(ours, base) or _same_weights(ours, base)):
+        raise ModelError(
+            f"method.adapters[0]: {config.adapters[0]} was trained on {base}, not on this run's model {ours}; "
+            "set model.name to the base the adapters were trained on"
+        )
     record = fused_record(records)
     bn.add_fusion(model, record["adapters"])
     model.requires_grad_(False)  # the base and the adapters it fuses

@@ -200,3 +200,26 @@ def test_merge_config_and_export_refuse_bottleneck_runs_with_the_reason(tmp_path
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     code, out, err = run_cli("export", runs[0], "--gguf", str(tmp_path / "m.gguf"))
     assert (code, out) == (2, "") and "cannot export: bottleneck adapters" in err and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("builtin:tiny-llama", "(hidden_size 64), this run's model has hidden_size 192"),  # refused from the configs
+        ("builtin:micro-llama", ", not on this run's model "),  # same shapes, other weights: refused once loaded
+    ],
+)
+def test_fusion_refuses_a_run_model_other_than_the_adapters_base(
+    tmp_path, tiny_data, bottleneck_adapter_runs, model, expected
+):
+    adapters = [str(run) for run in bottleneck_adapter_runs]
+    recipe = make_recipe(
+        tmp_path, tiny_data, model={"name": model}, method={"name": "adapter_fusion", "adapters": adapters}
+    )
+    code, out, err = run_cli("train", str(recipe))
+    assert (code, out) == (2, ""), err
+    (line,) = err.strip().splitlines()
+    # other weights of the same shape are found once the base loads: the run directory made for it is removed
+    assert not (tmp_path / "runs" / "recipe").exists()
+    assert line.startswith("error: method.adapters[0]: ") and expected in line
+    assert "set model.name to the base the adapters were trained on" in line
