@@ -222,7 +222,12 @@ def short_run(request, tmp_path_factory, pair_data):
     # AdaLoRA reallocates its rank budget between tinit and total - tfinal: leave it room
     train = {**case.get("train", {}), "max_steps": 8 if case["method"]["name"] == "adalora" else 4}
     train |= {"batch_size": 4, "samples": 0}
-    recipe = preference_recipe(tmp, pair_data, request.param, method=case["method"], objective=objective, train=train)
+    # adapter_fusion fuses adapters trained on the pretrained base, so it runs on that base
+    fused = case["method"]["name"] == "adapter_fusion"
+    extra = {"model": {"name": str(request.getfixturevalue("pretrained_base"))}} if fused else {}
+    recipe = preference_recipe(
+        tmp, pair_data, request.param, method=case["method"], objective=objective, train=train, **extra
+    )
     return request.param, recipe, tmp / "runs" / request.param, run_cli("train", str(recipe))
 
 
