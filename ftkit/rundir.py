@@ -38,6 +38,7 @@ SAMPLES = "samples.jsonl"
 REFERENCE_LOGPS = "reference_logps.safetensors"
 LABELS = "labels.json"
 LORA_DROP = "lora_drop.json"
+ROUTING = "routing.json"  # moe_router: which expert each val domain routes to
 EVAL_GLOB = "eval-*.json"
 LOGS = "logs"
 LIBRARIES_LOG = f"{LOGS}/libraries.log"
@@ -56,6 +57,7 @@ RUN_ENTRIES = (
     REFERENCE_LOGPS,
     LABELS,
     LORA_DROP,
+    ROUTING,
     LOGS,
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step
