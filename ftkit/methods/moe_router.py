@@ -166,7 +166,7 @@ def measure_routing(model: Any, run: RunInfo) -> dict[str, dict]:
         return {}
     grouped = val_by_domain(run)
     config = _moe_config(model)
-    n, k = config.num_local_experts, config.num_experts_per_tok
+    n = config.num_local_experts
     pad = run.pad_id if run.pad_id is not None else 0
     device = next(model.parameters()).device
     was_training = model.training
