@@ -23,10 +23,15 @@ with MLP-only LoRA (`target_modules: [gate_proj, up_proj, down_proj]`): what the
 attention is lost.
 
 Router initialisation, per layer a (experts × hidden) matrix:
-    hidden   mergekit-moe's "hidden" mode (mergekit/moe/common.py get_gate_params): each expert's
-             prompts go through the base; the hidden state entering each layer, averaged over the
-             prompt's tokens and over the prompts, normalised to unit length, is the expert's row.
-             A token whose hidden state looks like an expert's prompts routes to it.
+    hidden   mergekit-moe's hidden-state routers (mergekit/moe/router.py get_gate_params, its
+             "hidden_avg" mode; its plain "hidden" takes each prompt's last token instead): each
+             expert's prompts go through the base; the hidden state entering each layer, averaged
+             over the prompt's tokens and over the prompts, normalised to unit length, is the
+             expert's row. A token whose hidden state looks like an expert's prompts routes to it.
+             Hidden states of a pretrained model share large common directions, so rows of
+             different experts can be nearly parallel (routing close to even): the merge report
+             gives the largest cosine between two experts' rows (`gate_max_cosine`), as mergekit
+             warns of "degenerate" gates.
     random   N(0, 1) rows, normalised to unit length (seeded by `seed`).
     uniform  zeros: every expert gets the same probability; top-k then picks the first experts.
 
@@ -227,6 +232,17 @@ def gate_rows(config: MoeConfig, base_path: Path, layers: int, hidden: int) -> t
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
+def gate_max_cosine(gates: torch.Tensor) -> float | None:
+    """The largest cosine between two experts' router rows over all layers (None for zero rows)."""
+    norms = gates.norm(dim=-1, keepdim=True)
+    if bool((norms == 0).any()):
+        return None
+    unit = gates / norms
+    cos = unit @ unit.transpose(1, 2)  # layers × experts × experts
+    off_diagonal = ~torch.eye(gates.shape[1], dtype=torch.bool)
+    return float(cos[:, off_diagonal].max())
+
+
 def prompt_states(model: Any, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     """(layers × hidden): the hidden state entering each layer, mean over each prompt's tokens, then over prompts."""
     per_prompt = []
@@ -342,6 +358,7 @@ def run_moe(config: MoeConfig, out: str | Path, overwrite: bool = False) -> dict
             "experts_per_token": config.experts_per_token,
             "num_hidden_layers": layers,
             "files": [f.name for f in files],
+            "gate_max_cosine": gate_max_cosine(gates),
             "tolerance": MOE_TOLERANCE,
             "checks": checks,
             "wall_s": time.perf_counter() - started,

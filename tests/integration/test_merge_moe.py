@@ -58,6 +58,7 @@ def test_moe_of_two_fine_tunes_loads_as_mixtral_and_is_verified(trained_runs, tm
     assert [c["experts"] for c in report["checks"]] == ["base", "experts[0]", "experts[1]"]
     assert all(c["rel_logit_diff"] <= 1e-4 and c["top1_agreement"] == 1.0 for c in report["checks"])
     assert (out / "merge_config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    assert -1.0 <= report["gate_max_cosine"] < 1.0
     with torch.no_grad():  # a real mixture: it runs and differs from the base
         ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
         assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
