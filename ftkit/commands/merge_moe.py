@@ -62,7 +62,7 @@ from ftkit.commands.merge import REPORT_FILE, logit_agreement
 from ftkit.errors import FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, publish
 from ftkit.models import hf_files
-from ftkit.models.builtin import is_builtin
+from ftkit.models.builtin import is_builtin, is_packaged
 from ftkit.models.gguf import local_model
 from ftkit.models.hf_files import Weights, check_same_architecture
 from ftkit.models.target import load_model, load_tokenizer, resolve_target
@@ -152,9 +152,9 @@ class StateWeights:
 
 def base_dir(spec: str) -> Path:
     """The base's weights folder: a model folder, a full fine-tune run's final/, or a packaged built-in."""
-    if is_builtin(spec):
-        resolved = local_model(ModelSection(name=spec)).name
-        if resolved == spec:
+    if is_builtin(spec) or is_packaged(spec):
+        resolved = local_model(ModelSection(name=spec)).name  # a packaged model: its converted folder
+        if is_builtin(spec):
             raise ModelError(
                 f"base: {spec} is a random-init built-in, made per run; give the base/ folder of a run on it"
             )
