@@ -56,3 +56,11 @@ def test_routing_section_shows_after_and_before_per_domain(tmp_path):
     section = routing_section(tmp_path)
     assert "## Routing" in section
     assert "| extract | 5 | 90.0% (50.0%) | 10.0% (50.0%) | 0 (was 0) |" in section
+
+
+def test_a_random_init_builtin_base_is_refused_naming_what_to_give():
+    from ftkit.commands.merge_moe import base_dir
+    from ftkit.errors import ModelError
+
+    with pytest.raises(ModelError, match="random-init built-in.*base/ folder"):
+        base_dir("builtin:micro-llama")
