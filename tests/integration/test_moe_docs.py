@@ -35,6 +35,7 @@ def test_moe_page_flow_runs(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "data" / "quickstart", tmp_path / "data" / "quickstart")
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+    (tmp_path / "merges").symlink_to(ROOT / "merges")
     monkeypatch.chdir(tmp_path)
     steps = commands()
     assert [s[:2] for s in steps] == [
