@@ -92,8 +92,8 @@ class MergeConfig(_Section):
     """A model merge or an adapter combination."""
 
     method: Literal[
-        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough", "adapters"
-    ] = Field(..., description="How the models are merged.")
+        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough", "adapters", "moe"
+    ] = Field(..., description="How the models are merged (moe: ftkit.commands.merge_moe's own config).")
     models: list[ModelEntry] = Field(default_factory=list, description="Input models with weights.")
     base: str | None = Field(None, description="The common base model (task methods; the base of adapters).")
     density: float = Field(1.0, gt=0.0, le=1.0, description="ties / dare / magnitude_prune: fraction kept.")
