@@ -136,3 +136,11 @@ def test_an_unsupported_layout_is_refused_naming_it(trained_runs, tmp_path):
     config["base"] = str(qwen)
     err = _refused(tmp_path, config)
     assert "qwen2" in err and "Llama/Mistral layout" in err
+
+
+def test_moe_config_keys_are_checked_like_a_recipe(tmp_path):
+    config = {"method": "moe", "base": "b", "experts": [{"model": "a", "prompts": ["p"]}] * 2, "experts_per_tokn": 2}
+    err = _refused(tmp_path, config)
+    assert "bad.yaml:" in err and "experts_per_tokn: unknown key (did you mean experts_per_token?)" in err
+    code, err, out = merge(tmp_path, {**config, "method": "mo"}, name="typo")  # every problem at once
+    assert code == 2 and not out.exists() and "method:" in err and "(did you mean moe?)" in err
