@@ -373,7 +373,11 @@ def merge(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", metavar="FILE", help="Merge-config YAML: merge models or combine adapters."),
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="Merge-config YAML: merge models, combine adapters, or build a mixture of experts (method: moe).",
+        ),
     ] = None,
     dtype: Annotated[
         Dtype, typer.Option("--dtype", help="Weight dtype of the merged model; auto = bf16 on a bf16 GPU, else fp32.")

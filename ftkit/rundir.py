@@ -41,6 +41,7 @@ LORA_DROP = "lora_drop.json"
 #: inside final/ of a bottleneck-adapter or AdapterFusion run (ftkit.models.bottleneck)
 BOTTLENECK_WEIGHTS = "bottleneck_model.safetensors"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
+ROUTING = "routing.json"  # moe_router: which expert each val domain routes to
 EVAL_GLOB = "eval-*.json"
 LOGS = "logs"
 LIBRARIES_LOG = f"{LOGS}/libraries.log"
@@ -59,6 +60,7 @@ RUN_ENTRIES = (
     REFERENCE_LOGPS,
     LABELS,
     LORA_DROP,
+    ROUTING,
     LOGS,
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step

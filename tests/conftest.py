@@ -87,3 +87,20 @@ def bottleneck_adapter_runs(tmp_path_factory, pretrained_base, steer_data) -> li
         assert code == 0, err
         runs.append(root / "runs" / name)
     return runs
+
+
+@pytest.fixture(scope="session")
+def moe_base(tmp_path_factory, pretrained_base) -> Path:
+    """A Mixtral mixture of two experts (both the pretrained micro base's MLPs, random routers), built
+    with `ftkit merge --config` method moe: the base the moe_router row of the methods table trains."""
+    import yaml
+
+    from tests.support.helpers import run_cli
+
+    root = tmp_path_factory.mktemp("moe-base")
+    experts = [{"model": str(pretrained_base)}, {"model": str(pretrained_base)}]
+    config = {"method": "moe", "base": str(pretrained_base), "experts": experts, "gate": "random", "seed": 1}
+    (root / "moe.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = run_cli("merge", "--config", str(root / "moe.yaml"), "--out", str(root / "moe"))
+    assert code == 0, err
+    return root / "moe"

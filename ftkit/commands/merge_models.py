@@ -92,8 +92,8 @@ class MergeConfig(_Section):
     """A model merge or an adapter combination."""
 
     method: Literal[
-        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough", "adapters"
-    ] = Field(..., description="How the models are merged.")
+        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough", "adapters", "moe"
+    ] = Field(..., description="How the models are merged (moe: ftkit.commands.merge_moe's own config).")
     models: list[ModelEntry] = Field(default_factory=list, description="Input models with weights.")
     base: str | None = Field(None, description="The common base model (task methods; the base of adapters).")
     density: float = Field(1.0, gt=0.0, le=1.0, description="ties / dare / magnitude_prune: fraction kept.")
@@ -125,7 +125,7 @@ class MergeConfig(_Section):
 # ---------------------------------------------------------------- loading and rules
 
 
-def load_merge_config(path: str | Path) -> MergeConfig:
+def load_merge_config(path: str | Path) -> Any:
     """Read and validate a merge config; RecipeError listing every problem as `file:line: key: problem`."""
     source = str(path)
     try:
@@ -146,17 +146,22 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     ]
     data = {} if loaded.data is None else loaded.data
     config = None
+    schema, rules = MergeConfig, rule_problems
+    if isinstance(data, dict) and data.get("method") == "moe":  # mixture of experts: its own keys
+        from ftkit.commands.merge_moe import MoeConfig, moe_rule_problems
+
+        schema, rules = MoeConfig, moe_rule_problems
     if not isinstance(data, dict):
         problems.append(
             sources.problem((), f"a merge config is a mapping (method, models, ...); got {describe_value(data)}")
         )
     else:
         try:
-            config = MergeConfig.model_validate(data)
+            config = schema.model_validate(data)
         except ValidationError as err:
-            problems += problems_from_validation(err, MergeConfig, sources)
+            problems += problems_from_validation(err, schema, sources)
     if config is not None:
-        problems += [sources.problem(path, message) for path, message in rule_problems(config)]
+        problems += [sources.problem(path, message) for path, message in rules(config)]
     if problems or config is None:
         ordered = sorted(problems, key=lambda p: p.order)
         raise RecipeError(list(dict.fromkeys(str(p) for p in ordered)))
@@ -246,8 +251,12 @@ def slerp(t: float, v0: Any, v1: Any) -> Any:
 # ---------------------------------------------------------------- model merges
 
 
-def run_merge_config(config: MergeConfig, out: str | Path, overwrite: bool = False) -> dict:
+def run_merge_config(config: Any, out: str | Path, overwrite: bool = False) -> dict:
     """Merge as `config` says into `out` (staged, then renamed); return {"summary": ...}."""
+    if config.method == "moe":
+        from ftkit.commands.merge_moe import run_moe
+
+        return run_moe(config, out, overwrite)
     out = Path(out)
     inputs = [m.model for m in config.models] + [s.model for s in config.slices] + [config.base]
     check_out(out, overwrite, [("input", path) for path in inputs])

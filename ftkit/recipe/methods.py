@@ -641,6 +641,35 @@ class GenericPeftConfig(MethodConfig):
         return not is_prompt_learning(self.type)
 
 
+# ---------------------------------------------------------------- mixture of experts
+
+
+class LoraExpertsSection(BaseModel):
+    """LoRA on every expert's MLP (peft target_parameters on Mixtral's fused expert tensors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, description="Adapter rank, per expert.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+
+
+class MoeRouterConfig(MethodConfig):
+    """Train the routers of a mixture of experts: loss + aux_loss_coef · load-balancing loss (Switch/Mixtral)."""
+
+    name: Literal["moe_router"] = "moe_router"
+    aux_loss_coef: float = Field(
+        0.02, ge=0.0, description="Weight of the router load-balancing loss added to the training loss (reg_loss)."
+    )
+    lora_experts: LoraExpertsSection | None = Field(
+        None, description="Also train LoRA adapters on the experts ({r, alpha}); merged into final/."
+    )
+    default_lr: ClassVar[float] = 1e-3
+    default_lr_reason: ClassVar[str] = "routers 1e-3: a few small linear layers from a fixed start (docs/moe.md)"
+    summary: ClassVar[str] = "mixture of experts: train only the routers (optionally LoRA on the experts)"
+    is_adapter: ClassVar[bool] = False
+    trains_base_weights: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+
+
 #: every `method:` section, in the order `ftkit methods` lists them (ftkit.methods registers each)
 METHOD_CONFIGS: tuple[type[MethodConfig], ...] = (
     FullConfig,
@@ -667,4 +696,5 @@ METHOD_CONFIGS: tuple[type[MethodConfig], ...] = (
     AdapterConfig,
     AdapterFusionConfig,
     LlamaAdapterConfig,
+    MoeRouterConfig,
 )

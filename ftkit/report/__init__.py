@@ -21,6 +21,7 @@ from ftkit.io import write_atomic
 from ftkit.report.diagnosis import Diagnosis, diagnose
 from ftkit.report.markdown import evaluation_section, newest_eval, read_samples, render_markdown, title
 from ftkit.report.plot import plot_loss
+from ftkit.report.routing import routing_section
 from ftkit.report.summary import json_safe, read_facts, read_metrics, split_curves, summarize
 from ftkit.rundir import METRICS, PLOT, REPORT, SAMPLES, SUMMARY
 
@@ -47,6 +48,7 @@ def write_report(run_dir: Path, facts: dict | None = None) -> dict:
     plot_loss(train, val, run_dir / PLOT, title=title(summary["facts"]))
     samples = read_samples(run_dir / SAMPLES)
     markdown = render_markdown(summary, samples) + evaluation_section(newest_eval(run_dir))
+    markdown += routing_section(run_dir)
     write_atomic(run_dir / REPORT, markdown.encode())
     return summary
 

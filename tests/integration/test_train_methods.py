@@ -203,6 +203,27 @@ def test_adalora_cut_the_rank_budget_to_target_r(runs):
     assert all(r["reg_loss"] > 0 for r in train)  # the orthogonality penalty was in the loss
 
 
+def test_moe_router_trains_routers_and_expert_lora_into_a_plain_mixtral(runs):
+    """final/ is a Mixtral with the LoRA merged into the experts (no adapter files), the routers moved,
+    the load-balancing penalty was in the loss, and routing.json holds the val routing before and after."""
+    from safetensors.torch import load_file
+
+    run = runs("moe_router")
+    final = run.run_dir / "final"
+    assert not (final / "adapter_config.json").exists()
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    moe = Path(load_recipe(run.recipe).model.name)
+    before, after = load_file(moe / "model.safetensors"), load_file(final / "model.safetensors")
+    routers = [n for n in before if n.endswith("block_sparse_moe.gate.weight")]
+    experts = [n for n in before if ".experts." in n]
+    assert routers and all(not torch.equal(before[n], after[n]) for n in routers)
+    assert all(not torch.equal(before[n], after[n]) for n in experts)  # each expert's LoRA, merged
+    train, _ = read_metrics(run.run_dir)
+    assert all(r["reg_loss"] > 0 for r in train)
+    routing = json.loads((run.run_dir / "routing.json").read_text())
+    assert routing["before"].keys() == routing["after"].keys() and routing["after"]
+
+
 @pytest.mark.parametrize("name", ["lora_pissa", "lora_olora"])
 def test_mutating_init_is_saved_as_a_plain_lora_of_rank_2r(runs, name):
     """PiSSA/OLoRA rewrite W; final/ is the equivalent plain LoRA (rank 2r) on the untouched base,

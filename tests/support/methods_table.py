@@ -32,6 +32,10 @@ def resolved(case: dict, request) -> dict:
     return {**case, "method": {**method, "adapters": runs}}
 
 
+#: a Mixtral of two copies of the pretrained base's MLPs (tests/conftest.py moe_base), on the pretrained base's task
+MOE = "moe"
+
+
 @dataclass(frozen=True)
 class Run:
     """A table row trained through the CLI: its recipe, run dir, (exit code, stdout, stderr)."""
@@ -73,9 +77,10 @@ def row_trainer(request, tmp_path_factory, cases: dict[str, dict], data_for: Cal
     def get(name: str) -> Run:
         if name not in done:
             case = dict(resolved(cases[name], request))
-            pretrained = case.pop("base", None) == PRETRAINED
+            base = case.pop("base", None)
+            pretrained = base in (PRETRAINED, MOE)
             if pretrained:
-                case["model"] = {"name": str(request.getfixturevalue("pretrained_base"))}
+                case["model"] = {"name": str(request.getfixturevalue("moe_base" if base == MOE else "pretrained_base"))}
             tmp = tmp_path_factory.mktemp(name)
             recipe = make_recipe(tmp, data_for(pretrained), name=name, **extra, **case)
             done[name] = Run(name, recipe, tmp / "runs" / name, run_cli("train", str(recipe)), pretrained)
@@ -191,6 +196,13 @@ METHOD_CASES: dict[str, dict] = {
         "base": PRETRAINED,
         "method": {"name": "llama_adapter", "adapter_len": 8, "adapter_layers": 2},
         "train": {"lr": 3e-2},
+    },
+    # routers + LoRA on the experts of a MoE of the pretrained base (routers alone cannot move a mixture
+    # of identical experts: every routing gives the same output); the load-balancing loss is reg_loss
+    "moe_router": {
+        "base": MOE,
+        "method": {"name": "moe_router", "aux_loss_coef": 0.01, "lora_experts": {"r": 8, "alpha": 16}},
+        "train": {"lr": 1e-2},
     },
 }
 
