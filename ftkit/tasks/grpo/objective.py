@@ -48,7 +48,8 @@ class GRPOObjective:
     """GRPO (loss_type grpo / dr_grpo / dapo) as the loop's objective.
 
     `policy` is the unwrapped model that trains (it samples the rollouts); `reference` a DisabledAdapter or
-    FrozenCopy when beta > 0, else None; `rewards` from rewards.build_rewards.
+    FrozenCopy when beta > 0 (only training needs it; evaluation scores rewards), else None; `rewards` from
+    rewards.build_rewards.
     """
 
     name = "grpo"
@@ -62,8 +63,6 @@ class GRPOObjective:
         tokenizer: Any,
         reference: Any = None,
     ):
-        if cfg.beta and reference is None:
-            raise ValueError("grpo with beta > 0 needs a reference")
         self.cfg, self.rewards, self.policy, self.tokenizer, self.reference = cfg, rewards, policy, tokenizer, reference
         self._window: dict[str, list[float]] = {}
 
@@ -129,6 +128,8 @@ class GRPOObjective:
         old_logps = logps.detach()  # iterations 1: π_old is the policy that sampled, i.e. this one
         ref_logps = None
         if cfg.beta:
+            if self.reference is None:
+                raise ValueError("grpo with beta > 0 trains against a reference; none was given")
             ref_logps = self._reference_logps(batch)
         per_token, kl, ratio = grpo_loss.per_token_loss(
             logps, old_logps, batch["advantages"], cfg.epsilon, cfg.epsilon_high, cfg.beta, ref_logps
