@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ftkit.recipe.methods import METHOD_CONFIGS
 
@@ -182,10 +182,6 @@ class RewardSpec(Section):
         return self.name if self.name is not None else self.function.rsplit(":", 1)[1]
 
 
-def _reward_item(value: object) -> object:
-    return {"name": value} if isinstance(value, str) else value
-
-
 class ObjectiveSection(Section):
     """What training minimises: next-token cross-entropy (sft), a preference loss on chosen/rejected pairs,
     or grpo: online RL from verifiable rewards on prompts."""
@@ -229,7 +225,7 @@ class ObjectiveSection(Section):
         description="grpo: divide each group's advantages by the group's reward std (GRPO); false centres them "
         "only (Dr. GRPO's recommendation).",
     )
-    rewards: list[Annotated[RewardSpec, BeforeValidator(_reward_item)]] = Field(
+    rewards: list[Literal["exact_match", "json", "field_f1"] | RewardSpec] = Field(
         default_factory=list,
         description="grpo: the rewards, summed with their weights: exact_match | json | field_f1 (a name), "
         "{name: regex, pattern: ...}, {function: FILE.py:NAME, weight: 1.0}; each logged apart.",
@@ -266,6 +262,12 @@ class ObjectiveSection(Section):
     @property
     def is_grpo(self) -> bool:
         return self.name == "grpo"
+
+    @field_validator("rewards", mode="after")
+    @classmethod
+    def _rewards_as_specs(cls, rewards: list) -> list:
+        # a bare name (`- field_f1`) is shorthand for {name: field_f1}
+        return [RewardSpec(name=r) if isinstance(r, str) else r for r in rewards]
 
 
 #: the keys of ObjectiveSection only grpo reads
