@@ -126,6 +126,12 @@ def test_grpo_trains_logs_and_reports(grpo_run, prompt_data):
     assert {"reward", "reward/letters", "exact_match", "completion_length"} <= result["tuned"].keys()
     assert result["base"]["reward"] == pytest.approx(-result["base"]["loss"])
 
+    # ftkit generate renders a prompt row's way (the chat template), as the run was trained
+    code, out, err = run_cli(
+        "generate", str(grpo_run), "--prompt", "Extract.\n\nA red cube of size 3.", "--max-new-tokens", "4"
+    )
+    assert code == 0, err
+
 
 def test_grpo_resume_is_exact(grpo_run, prompt_data, tmp_path):
     """Stopped after step 2 (SIGTERM, checkpoint) and resumed: the same completions (sampling RNG restored),
