@@ -10,6 +10,7 @@ from typing import Any
 
 from ftkit.data.formats import render, text_of, to_messages
 from ftkit.data.preference import pair_messages
+from ftkit.data.prompt_rows import prompt_text
 
 
 def render_prompt(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
@@ -20,8 +21,12 @@ def render_prompt(row: dict, fmt: str, tokenizer: Any) -> tuple[str, str]:
     to the last assistant message plus the generation prompt, and that message as reference.
     text: bos + the first half of the text (cut at a space), and the rest as reference.
     preference: the prompt plus the generation prompt, and the chosen answer as reference.
+    prompt: the prompt plus the generation prompt, and the row's `answer` (or "") as reference.
     """
     source = "prompt row"
+    if fmt == "prompt":  # grpo's rows: the reference is the optional answer
+        answer = row.get("answer")
+        return prompt_text(row, source, tokenizer), answer if isinstance(answer, str) else ""
     if fmt == "preference":
         prompt, chosen, _ = pair_messages(row, source)
         return render(prompt, tokenizer, True, source), chosen

@@ -14,6 +14,7 @@ from typing import Any
 from ftkit.data.classification import ClassExample, classification_stats, encode_rows, label_names
 from ftkit.data.encode import IGNORE, Example, encode_row
 from ftkit.data.preference import PreferencePair, encode_pair
+from ftkit.data.prompt_rows import PromptExample, encode_prompt_row
 from ftkit.data.sources import SUFFIXES, Row, read_rows
 from ftkit.errors import DataError
 from ftkit.recipe.schema import DataSection
@@ -24,8 +25,8 @@ class Splits:
     """Train and validation examples, and `stats`: n_train, n_val, train_tokens, train_target_tokens,
     val_tokens, truncated_train, truncated_val (examples cut to max_length), max_length, format."""
 
-    train: list[Example] | list[PreferencePair] | list[ClassExample]
-    val: list[Example] | list[PreferencePair] | list[ClassExample]
+    train: list[Example] | list[PreferencePair] | list[ClassExample] | list[PromptExample]
+    val: list[Example] | list[PreferencePair] | list[ClassExample] | list[PromptExample]
     stats: dict
     labels: list[str] | None = None  # format classification: the class names, in id order
 
@@ -119,6 +120,8 @@ def _encode_all(rows: list[Row], data: DataSection, tokenizer: Any) -> tuple[lis
     for row, source in rows:
         if data.format == "preference":
             example, was_truncated = encode_pair(row, source, tokenizer, data.max_length)
+        elif data.format == "prompt":
+            example, was_truncated = encode_prompt_row(row, source, tokenizer, data.max_length)
         else:
             example, was_truncated = encode_row(
                 row, source, data.format, tokenizer, data.max_length, data.train_on_prompt

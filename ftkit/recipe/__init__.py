@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ftkit.errors import RecipeError
 from ftkit.recipe.diagnostics import problems_from_validation
 from ftkit.recipe.overrides import apply_overrides, parse_overrides
+from ftkit.recipe.reward_files import resolve_reward_files
 from ftkit.recipe.schema import Recipe
 from ftkit.recipe.sources import Problem, SourceMap, describe_value, format_path
 from ftkit.recipe.yaml_loader import LoadedYaml, YamlError, dump_yaml, load_yaml
@@ -68,6 +69,8 @@ def parse_recipe(text: str, source: str = "recipe.yaml", overrides: Sequence[str
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems += problems_from_validation(err, Recipe, sources)
+    if recipe is not None:  # a grpo recipe's reward files, relative to the recipe's folder
+        problems += resolve_reward_files(recipe, Path(source).parent, sources)
     if problems or recipe is None:
         raise RecipeError(_lines(problems))
     _fill_output_dir(recipe, source)

@@ -7,9 +7,10 @@ Every section forbids unknown keys, so a typo is an error, never a silent defaul
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ftkit.recipe.methods import METHOD_CONFIGS
 
@@ -80,11 +81,12 @@ class DataSection(Section):
     val_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train held out for validation (seeded) when val is not given."
     )
-    format: Literal["alpaca", "chat", "text", "preference", "classification"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference", "classification", "prompt"] = Field(
         "alpaca",
         description="alpaca: instruction/input/output; chat: messages (tokenizer's chat template); text: raw text; "
         "preference: prompt/chosen/rejected pairs (for objective.name dpo, ipo, orpo, simpo); "
-        "classification: text/label rows (for task: classification; the default there).",
+        "classification: text/label rows (for task: classification; the default there); "
+        "prompt: prompt rows with optional answer and other columns the rewards read (for objective.name grpo).",
     )
     labels: list[str] | None = Field(
         None,
@@ -131,19 +133,102 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
 SIMPO_GAMMA_RATIO = 0.5
 
 
-class ObjectiveSection(Section):
-    """What training minimises: next-token cross-entropy (sft) or a preference loss on chosen/rejected pairs."""
+#: the built-in verifiable rewards of objective grpo (ftkit.tasks.grpo.rewards)
+BUILTIN_REWARDS = ("exact_match", "regex", "json", "field_f1")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
-    name: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+
+class RewardSpec(Section):
+    """One reward of objective grpo: a built-in one (`name`) or a function in a local Python file (`function`)."""
+
+    name: Literal["exact_match", "regex", "json", "field_f1"] | None = Field(
+        None,
+        description="exact_match: 1 when the completion equals the row's answer (stripped); regex: 1 when `pattern` "
+        "matches the completion; json: 1 when the completion parses as JSON; field_f1: F1 of the key[value] "
+        "fields of an inform(...) completion against the row's answer.",
+    )
+    pattern: str | None = Field(None, description="regex only: the pattern searched for in the completion.")
+    function: str | None = Field(
+        None,
+        description="FILE.py:NAME, a function in a local file (path relative to the recipe) called on batches as "
+        "NAME(prompts=[...], completions=[...], <column>=[...] for every data column) -> list of floats "
+        "(TRL's reward-function signature).",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the total (a weighted sum).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardSpec:
+        if (self.name is None) == (self.function is None):
+            raise ValueError(
+                "a reward is either a built-in `name` (exact_match, regex, json, field_f1) or a `function: "
+                "file.py:name`; give exactly one"
+            )
+        if self.name == "regex" and not self.pattern:
+            raise ValueError("a regex reward needs `pattern`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        if self.pattern is not None and self.name != "regex":
+            raise ValueError("`pattern` belongs to a regex reward (name: regex); remove it")
+        if self.function is not None and (":" not in self.function or not self.function.rsplit(":", 1)[1]):
+            raise ValueError(f"function: {self.function!r}: write FILE.py:NAME, e.g. my_rewards.py:score")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The reward's name in metrics: the built-in's name, or the function's name."""
+        return self.name if self.name is not None else self.function.rsplit(":", 1)[1]
+
+
+class ObjectiveSection(Section):
+    """What training minimises: next-token cross-entropy (sft), a preference loss on chosen/rejected pairs,
+    or grpo: online RL from verifiable rewards on prompts."""
+
+    name: Literal["sft", "dpo", "ipo", "orpo", "simpo", "grpo"] = Field(
         "sft",
         description="sft: cross-entropy on the answers; dpo, ipo, orpo, simpo: preference losses "
-        "(need data.format: preference).",
+        "(need data.format: preference); grpo: group-relative policy optimisation on sampled completions "
+        "scored by objective.rewards (needs data.format: prompt).",
     )
     beta: float | None = Field(
         None,
-        gt=0,
+        ge=0,
         description="dpo/ipo: strength of the pull towards the reference (default 0.1); orpo: weight λ of the "
-        "odds-ratio term (default 0.1); simpo: reward scale (default 2.0).",
+        "odds-ratio term (default 0.1); simpo: reward scale (default 2.0); grpo: weight of the k3 KL to the "
+        "reference (default 0.0: no KL, no reference pass).",
+    )
+    group_size: int = Field(
+        8, ge=2, description="grpo: completions sampled per prompt (advantages are relative within this group)."
+    )
+    epsilon: float = Field(0.2, gt=0, lt=1, description="grpo: clip range of the probability ratio, 1 ± epsilon.")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="grpo: upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); default epsilon."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo",
+        description="grpo: normalisation of the clipped surrogate. dapo: Σ token losses / completion tokens of "
+        "the step (no length bias); grpo: each completion's token mean, averaged over completions; dr_grpo: Σ "
+        "token losses / (completions × max_new_tokens).",
+    )
+    iterations: Literal[1] = Field(
+        1,
+        description="grpo: optimizer updates per batch of rollouts (μ); only 1 (on-policy: ratio 1, the clip "
+        "formula kept) is supported.",
+    )
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling of the rollouts (1 = off).")
+    max_new_tokens: int = Field(64, ge=1, description="grpo: longest completion sampled, in tokens.")
+    scale_rewards: bool = Field(
+        True,
+        description="grpo: divide each group's advantages by the group's reward std (GRPO); false centres them "
+        "only (Dr. GRPO's recommendation).",
+    )
+    rewards: list[Literal["exact_match", "json", "field_f1"] | RewardSpec] = Field(
+        default_factory=list,
+        description="grpo: the rewards, summed with their weights: exact_match | json | field_f1 (a name), "
+        "{name: regex, pattern: ...}, {function: FILE.py:NAME, weight: 1.0}; each logged apart.",
     )
     label_smoothing: float = Field(
         0.0,
@@ -173,6 +258,31 @@ class ObjectiveSection(Section):
     @property
     def needs_reference(self) -> bool:
         return self.name in ("dpo", "ipo")
+
+    @property
+    def is_grpo(self) -> bool:
+        return self.name == "grpo"
+
+    @field_validator("rewards", mode="after")
+    @classmethod
+    def _rewards_as_specs(cls, rewards: list) -> list:
+        # a bare name (`- field_f1`) is shorthand for {name: field_f1}
+        return [RewardSpec(name=r) if isinstance(r, str) else r for r in rewards]
+
+
+#: the keys of ObjectiveSection only grpo reads
+GRPO_KEYS = (
+    "group_size",
+    "epsilon",
+    "epsilon_high",
+    "loss_type",
+    "iterations",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "scale_rewards",
+    "rewards",
+)
 
 
 class TrainSection(Section):
@@ -449,6 +559,16 @@ class Recipe(Section):
             )
         if data.format == "preference" and data.train_on_prompt:
             raise ValueError("data.train_on_prompt: preference losses compare the answers only; remove it")
+        if objective.is_grpo and data.format != "prompt":
+            raise ValueError(
+                "objective.name: grpo samples its own completions from prompts; set data.format: prompt "
+                "(rows with prompt, and answer or other columns the rewards read)"
+            )
+        if data.format == "prompt" and not objective.is_grpo:
+            raise ValueError("data.format: prompt rows have no answers to learn from; set objective.name: grpo")
+        if objective.is_grpo and (data.packing or data.train_on_prompt):
+            key = "data.packing" if data.packing else "data.train_on_prompt"
+            raise ValueError(f"{key}: grpo trains on its sampled completions only; remove it")
         return self
 
     @model_validator(mode="after")
@@ -457,6 +577,21 @@ class Recipe(Section):
         name = objective.name
         if name == "sft" and objective.beta is not None:
             raise ValueError("objective.beta: sft has no beta; remove it or set objective.name: dpo (ipo, orpo, simpo)")
+        if objective.is_preference and objective.beta is not None and objective.beta <= 0:
+            raise ValueError(f"objective.beta: {name} needs beta > 0, got {objective.beta:g}")
+        # keys set away from their defaults: a resolved recipe (every key written) still reloads
+        grpo_keys = [
+            key
+            for key in GRPO_KEYS
+            if getattr(objective, key) != ObjectiveSection.model_fields[key].get_default(call_default_factory=True)
+        ]
+        if not objective.is_grpo and grpo_keys:
+            raise ValueError(f"objective.{grpo_keys[0]}: only objective.name grpo uses it, not {name}; remove it")
+        if objective.is_grpo and not objective.rewards:
+            raise ValueError(
+                "objective.rewards: grpo needs at least one reward, e.g. rewards: [exact_match] or "
+                "[{function: my_rewards.py:score}]"
+            )
         if objective.label_smoothing and name not in ("dpo", "simpo"):
             raise ValueError(f"objective.label_smoothing: only dpo and simpo use it, not {name}; remove it")
         if objective.gamma is not None and name != "simpo":
@@ -483,6 +618,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _fill_objective_defaults(self) -> Recipe:
         objective = self.objective
+        if objective.is_grpo and objective.beta is None:
+            objective.beta = 0.0
+            self._notes.append("objective.beta: 0, the default for grpo (no KL term, no reference pass)")
         if objective.is_preference and objective.beta is None:
             objective.beta = DEFAULT_BETA[objective.name]
             self._notes.append(f"objective.beta: {objective.beta:g}, the default for {objective.name}")

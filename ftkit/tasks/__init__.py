@@ -7,6 +7,7 @@ report ask the task; none of them branches on `recipe.task`.
 
     causal_lm       next-token cross-entropy on the answer tokens (objective sft)
     preference      dpo / ipo / orpo / simpo on chosen/rejected pairs (a causal LM)
+    grpo            online RL: sampled completions of prompts, scored by verifiable rewards (a causal LM)
     classification  cross-entropy over labels, from a sequence-classification head
 
 A task provides (see `Task`): `objective(...)` for training, `scoring_objective(recipe)`
@@ -39,6 +40,7 @@ from ftkit.recipe.schema import Recipe
 from ftkit.tasks.causal_lm import CausalLMTask
 from ftkit.tasks.classification import ClassificationTask
 from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation
+from ftkit.tasks.grpo import GRPOTask
 from ftkit.tasks.objective import Objective
 from ftkit.tasks.prediction import Inputs, PredictOptions
 from ftkit.tasks.preference import PreferenceTask
@@ -97,13 +99,18 @@ class Task(Protocol):
         ...
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (CausalLMTask(), PreferenceTask(), ClassificationTask())}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (CausalLMTask(), PreferenceTask(), ClassificationTask(), GRPOTask())
+}
 
 
 def task_name(recipe: Recipe) -> str:
-    """The task a recipe trains: classification (recipe.task), preference (a preference objective), else causal_lm."""
+    """The task a recipe trains: classification (recipe.task), preference (a preference objective), grpo
+    (objective grpo), else causal_lm."""
     if recipe.task == "classification":
         return "classification"
+    if recipe.objective.is_grpo:
+        return "grpo"
     return "preference" if recipe.objective.is_preference else "causal_lm"
 
 

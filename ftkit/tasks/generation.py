@@ -71,7 +71,7 @@ def build_prompt(
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         return render(messages, tokenizer, True, source)
-    uses_chat = fmt in ("alpaca", "chat") or (fmt is None and template and bool(tokenizer.chat_template))
+    uses_chat = fmt in ("alpaca", "chat", "prompt") or (fmt is None and template and bool(tokenizer.chat_template))
     if uses_chat and template:
         return render([{"role": "user", "content": item}], tokenizer, True, source)
     return (tokenizer.bos_token or "") + item

@@ -6,8 +6,11 @@ An objective provides
     loss_sum(model, batch) -> (loss, metrics)     loss summed over those units (a tensor),
                                                   plus metric sums over the same units
 The loop divides by the units of the whole accumulation window, so every unit weighs
-the same however the window is cut into micro-batches. An objective whose loss is not a
-token cross-entropy sets `reports_perplexity = False`, so no val_ppl is logged for it.
+the same however the window is cut into micro-batches. Optional:
+    window_metrics() -> {name: value}             figures of the step just done that are not per-unit
+                                                  sums (grpo: reward means over completions); the loop
+                                                  asks once per step and logs them as they are
+An objective whose loss is not a token cross-entropy sets `reports_perplexity = False`, so no val_ppl is logged for it.
 
 Each task provides its objective: SFT (ftkit.tasks.causal_lm), dpo / ipo / orpo / simpo
 (ftkit.tasks.preference), classification (ftkit.tasks.classification). `evaluate` below
@@ -101,6 +104,9 @@ class Regularized:
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return self.objective.units(batch)
+
+    def window_metrics(self) -> dict[str, float]:
+        return self.objective.window_metrics() if hasattr(self.objective, "window_metrics") else {}
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = self.objective.loss_sum(model, batch)

@@ -159,6 +159,20 @@ def train_loop(
             )
             input_tokens, metric_sums = int(input_tokens), dict(zip(keys, sums, strict=True))
 
+        window_metrics = getattr(objective, "window_metrics", None)
+        if window_metrics is not None:  # an objective's own per-step figures, e.g. the rewards of grpo's rollouts
+            extra = window_metrics()
+            if world > 1:  # each process's means, averaged over processes
+                keys = sorted(extra)
+                extra = dict(
+                    zip(
+                        keys,
+                        (v / world for v in collectives.global_sums(accelerator, [extra[k] for k in keys])),
+                        strict=True,
+                    )
+                )
+            metric_sums |= extra
+
         grad_norm = collectives.grad_norm(accelerator, params, cfg.max_grad_norm)
         # fp16: an overflow of the scaled gradients is the loss scaler's to handle (it skips the update and
         # lowers the scale); the non-finite guard judges the loss, and the gradients of unscaled training
