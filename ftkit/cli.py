@@ -531,6 +531,34 @@ def export(
         stdout.data().write(json.dumps(report, indent=2) + "\n")
 
 
+@app.command(cls=HelpCommand)
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (two or more).", metavar="RUN...")],
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="DIR", help="Directory for compare.md, .png, .json (required).")
+    ] = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Also write compare.html (self-contained, PNG embedded).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table and verdict as JSON on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Put runs side by side: loss curves, a table and a verdict.
+
+    Runs must share a task and validation set. The newest `ftkit eval` of each run adds its metrics.
+    """
+    if out is None:
+        raise ArgumentError("--out: give the directory for the comparison, e.g. --out runs/compare")
+    import json
+
+    from ftkit.commands.compare import compare_runs, summary_text
+
+    comparison = compare_runs(runs, out, overwrite=overwrite, with_html=html)
+    stdout.messages().write(summary_text(comparison) + f"wrote {out / 'compare.md'}\n")
+    if as_json:
+        stdout.data().write(json.dumps(comparison.as_json(), indent=2) + "\n")
+
+
 def main() -> None:
     """Entry point: run the app, turning known failures into one stderr line and an exit code."""
     try:
