@@ -559,6 +559,45 @@ def compare(
         stdout.data().write(json.dumps(comparison.as_json(), indent=2) + "\n")
 
 
+@app.command(cls=HelpCommand)
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", metavar="RECIPE")],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            metavar="KEY=V1,V2",
+            help="A recipe key and its values: --grid train.lr=1e-4,3e-4 (repeatable: every combination runs).",
+        ),
+    ] = None,
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Sweep directory: one run per point, then compare.* (default: runs/sweep-RECIPE).",
+        ),
+    ] = None,
+    html: Annotated[bool, typer.Option("--html", help="Also write compare.html.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate every point and print what would run; run nothing.")
+    ] = False,
+) -> None:
+    """Train every combination of --grid values, one run after another, then compare them.
+
+    Completed points are skipped and an interrupted one resumes, so running the same command again continues a sweep.
+    """
+    from ftkit.commands.sweep import plan_sweep, run_sweep
+
+    out = out if out is not None else Path("runs") / f"sweep-{recipe.stem}"
+    if dry_run:
+        points, _ = plan_sweep(recipe, set_ or [], grid or [], out)
+        stdout.data().write("".join(f"{p.action}\t{p.run_dir}\n" for p in points))
+        return
+    run_sweep(recipe, set_ or [], grid or [], out, with_html=html)
+
+
 def main() -> None:
     """Entry point: run the app, turning known failures into one stderr line and an exit code."""
     try:
