@@ -542,6 +542,10 @@ def compare(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table and verdict as JSON on stdout.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="NAME", help="A name per run for the table, in order (default: folder names)."),
+    ] = None,
 ) -> None:
     """Put runs side by side: loss curves, a table and a verdict.
 
@@ -553,7 +557,7 @@ def compare(
 
     from ftkit.commands.compare import compare_runs, summary_text
 
-    comparison = compare_runs(runs, out, overwrite=overwrite, with_html=html)
+    comparison = compare_runs(runs, out, overwrite=overwrite, with_html=html, labels=label)
     stdout.messages().write(summary_text(comparison) + f"wrote {out / 'compare.md'}\n")
     if as_json:
         stdout.data().write(json.dumps(comparison.as_json(), indent=2) + "\n")

@@ -33,11 +33,12 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ftkit.errors import ArgumentError, RunDirError
+from ftkit.errors import ArgumentError, FtkitError, RunDirError
 from ftkit.io import check_out, publish, write_atomic
+from ftkit.recipe import load_recipe
 from ftkit.report.markdown import newest_eval
 from ftkit.report.summary import json_safe, read_metrics
-from ftkit.rundir import FINAL, METRICS, SUMMARY, is_run_dir
+from ftkit.rundir import FINAL, METRICS, RECIPE, SUMMARY, is_run_dir
 
 MARKDOWN, PICTURE, TABLE, PAGE = "compare.md", "compare.png", "compare.json", "compare.html"
 OUTPUTS = (MARKDOWN, PICTURE, TABLE, PAGE)
@@ -156,6 +157,14 @@ def check_comparable(runs: list[RunData]) -> tuple[str, str]:
     return first.facts["task"], first.facts["val_sha256"]
 
 
+def _rank(run_dir: Path) -> int | None:
+    """The adapter rank (method.r) of the run's recipe, or None (no rank, or a recipe this ftkit cannot read)."""
+    try:
+        return getattr(load_recipe(run_dir / RECIPE).method, "r", None)
+    except FtkitError:
+        return None
+
+
 def artifact_bytes(run_dir: Path) -> int | None:
     """Bytes of the weights in final/ (the adapter, or the whole model for a full fine-tune)."""
     final = run_dir / FINAL
@@ -176,6 +185,7 @@ def table_row(run: RunData) -> dict:
         "path": str(run.path),
         "model": facts.get("model"),
         "method": facts.get("method"),
+        "rank": _rank(run.path),
         "lr": facts.get("lr"),
         "status": facts.get("status"),
         "trainable_params": facts.get("trainable_params"),
@@ -342,7 +352,7 @@ def display_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         body.append(
             [
                 r["run"],
-                str(r.get("method")),
+                str(r.get("method")) + (f" r{r['rank']}" if r.get("rank") else ""),
                 _num(r.get("trainable_params"), ",d") + pct,
                 _num(r.get("tokens_per_s"), ",.0f"),
                 _num(r.get("wall_s"), ".0f") + " s",
@@ -469,10 +479,17 @@ def write_outputs(directory: Path, comparison: Comparison, runs: list[RunData], 
     return [directory / name for name in files]
 
 
-def compare_runs(paths: list[Path], out: Path, overwrite: bool = False, with_html: bool = False) -> Comparison:
+def compare_runs(
+    paths: list[Path],
+    out: Path,
+    overwrite: bool = False,
+    with_html: bool = False,
+    labels: list[str] | None = None,
+) -> Comparison:
     """`ftkit compare`: read and check every run first, then build the report in a staging folder
-    beside --out and rename it into place (an existing --out only with `overwrite`)."""
-    runs = read_runs(paths)
+    beside --out and rename it into place (an existing --out only with `overwrite`). `labels` name
+    the runs in the table (default: their folder names)."""
+    runs = read_runs(paths, labels)
     comparison = compare(runs)
     check_out(out, overwrite, [("run", str(p)) for p in paths])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -482,15 +499,17 @@ def compare_runs(paths: list[Path], out: Path, overwrite: bool = False, with_htm
     return comparison
 
 
-def read_runs(paths: list[Path]) -> list[RunData]:
-    """Every run, labelled; ArgumentError for fewer than two or a run given twice."""
+def read_runs(paths: list[Path], labels: list[str] | None = None) -> list[RunData]:
+    """Every run, labelled; ArgumentError for fewer than two, a run given twice or labels that do not fit."""
     if len(paths) < 2:
         raise ArgumentError("compare: give at least two run directories")
+    if labels and (len(labels) != len(paths) or len(set(labels)) != len(labels)):
+        raise ArgumentError(f"--label: give one distinct label per run ({len(paths)} runs, {len(labels)} labels)")
     resolved = [Path(p).resolve() for p in paths]
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
             raise ArgumentError(f"compare: {paths[i]} is given twice")
-    return [load_run(Path(p), label) for p, label in zip(paths, labels_for(paths), strict=True)]
+    return [load_run(Path(p), label) for p, label in zip(paths, labels or labels_for(paths), strict=True)]
 
 
 def summary_text(comparison: Comparison) -> str:
