@@ -135,11 +135,14 @@ def labels_for(paths: list[Path]) -> list[str]:
 def check_comparable(runs: list[RunData]) -> tuple[str, str]:
     """(task, val_sha256) shared by every run; RunDirError naming the first run that differs or lacks them."""
     for run in runs:
-        if not run.facts.get("val_sha256") or not run.facts.get("task"):
-            missing = "a validation set" if "val_sha256" in run.facts else "the task and val-set fingerprint"
+        if "task" not in run.facts or "val_sha256" not in run.facts:
             raise RunDirError(
-                f"{run.path}: the run records no {missing} (facts.task / facts.val_sha256 in {SUMMARY}); "
-                "compare needs runs with a validation set, trained by this ftkit version (retrain it)"
+                f"{run.path}: the run was trained by an older ftkit and records no task or val-set fingerprint "
+                f"(facts.task / facts.val_sha256 in {SUMMARY}); retrain it to compare it"
+            )
+        if run.facts["val_sha256"] is None:
+            raise RunDirError(
+                f"{run.path}: the run has no validation set (data.val or data.val_fraction); compare ranks runs on val_loss"
             )
     first = runs[0]
     for run in runs[1:]:

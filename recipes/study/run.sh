@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The LoRA-vs-full-vs-QLoRA study (docs/study.md), after Anyscale's "Fine-tuning LLMs: LoRA or
 # full-parameter?", on the quickstart task with the packaged SmolLM2-135M-Instruct:
-#   1. sweep train.lr (3 values) for full FT, LoRA r8, LoRA r64 and QLoRA r8: the same 96 rows,
-#      24 steps of 4, the same 100 val rows (recipes/study/*.yaml)
-#   2. per method, the run with the lowest best val_loss: `ftkit eval` exact match on the first
+#   1. sweep train.lr (3 values) for full FT, LoRA r8, LoRA r64 and QLoRA r8: the same 64 rows,
+#      16 steps of 4, the same 40 val rows (recipes/study/*.yaml, data/study/val.jsonl)
+#   2. per method, the run with the lowest best val_loss: `ftkit eval` exact match on those
 #      40 val rows (greedy)
 #   3. `ftkit compare` over those four best runs: OUT/compare/compare.md (+ .png, .json, .html)
 # Usage, from anywhere (paths are the repository's):
@@ -16,7 +16,6 @@ OUT=${1:-runs/study}
 DRY_RUN=${2:-}
 FTKIT=${FTKIT:-ftkit}
 PYTHON=${PYTHON:-python}
-EVAL_ROWS=${EVAL_ROWS:-40}
 
 # method (recipe name) and its learning rates: half-decade steps around where each method learns
 declare -A LRS=(
@@ -25,7 +24,7 @@ declare -A LRS=(
   [lora-r64]=3e-4,1e-3,3e-3
   [qlora-r8]=1e-3,3e-3,1e-2
 )
-METHODS=(full lora-r8 lora-r64 qlora-r8)
+METHODS=(lora-r8 full qlora-r8 lora-r64)  # cheapest first
 
 for method in "${METHODS[@]}"; do
   $FTKIT sweep "recipes/study/$method.yaml" --grid "train.lr=${LRS[$method]}" --out "$OUT/$method" $DRY_RUN
@@ -45,7 +44,7 @@ for method in "${METHODS[@]}"; do
   BEST+=("$run")
   LABELS+=(--label "$method")
   if ! ls "$run"/eval-*.json >/dev/null 2>&1; then
-    $FTKIT eval "$run" --max-samples "$EVAL_ROWS" >/dev/null
+    $FTKIT eval "$run" >/dev/null
   fi
 done
 $FTKIT compare "${BEST[@]}" "${LABELS[@]}" --out "$OUT/compare" --html --overwrite
