@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The LoRA-vs-full-vs-QLoRA study (docs/study.md), after Anyscale's "Fine-tuning LLMs: LoRA or
 # full-parameter?", on the quickstart task with the packaged SmolLM2-135M-Instruct:
-#   1. sweep train.lr (3 values) for full FT, LoRA r8, LoRA r64 and QLoRA r8: the same 64 rows,
-#      16 steps of 4, the same 40 val rows (recipes/study/*.yaml, data/study/val.jsonl)
+#   1. sweep train.lr (3 values) for full FT, LoRA r8, LoRA r64 and QLoRA r8: the same 32 rows,
+#      16 steps of 2, the same 40 val rows (recipes/study/*.yaml, data/study/val.jsonl)
 #   2. per method, the run with the lowest best val_loss: `ftkit eval` exact match on those
 #      40 val rows (greedy)
 #   3. `ftkit compare` over those four best runs: OUT/compare/compare.md (+ .png, .json, .html)
