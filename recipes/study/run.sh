@@ -44,7 +44,7 @@ for method in "${METHODS[@]}"; do
   BEST+=("$run")
   LABELS+=(--label "$method")
   if ! ls "$run"/eval-*.json >/dev/null 2>&1; then
-    $FTKIT eval "$run" >/dev/null
+    $FTKIT eval "$run" --batch-size 8 >/dev/null  # greedy generation: 8 prompts a batch
   fi
 done
 $FTKIT compare "${BEST[@]}" "${LABELS[@]}" --out "$OUT/compare" --html --overwrite
