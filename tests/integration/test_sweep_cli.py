@@ -137,3 +137,17 @@ def test_the_study_script_dry_runs(tmp_path, child_env):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 12 and not (tmp_path / "study").exists()
+
+
+def test_the_sweep_example_in_the_docs_validates(monkeypatch):
+    """docs/compare.md's sweep example, as written (its --dry-run line: it validates all 4 points, writes nothing)."""
+    page = (ROOT / "docs" / "compare.md").read_text()
+    line = next(line for line in page.splitlines() if line.startswith("ftkit sweep recipes/") and "--dry-run" in line)
+    monkeypatch.chdir(ROOT)
+    args = line.split()[1:]
+    out = Path(args[args.index("--out") + 1])
+    existed = out.exists()
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err
+    assert [row.split("\t")[0] for row in stdout.splitlines()] == ["train"] * 4 or existed
+    assert out.exists() == existed  # a dry run writes nothing
