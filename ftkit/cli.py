@@ -570,7 +570,7 @@ def sweep(
         list[str] | None,
         typer.Option(
             "--grid",
-            metavar="KEY=V1,V2",
+            metavar="KEY=VALUES",
             help="A recipe key and its values: --grid train.lr=1e-4,3e-4 (repeatable: every combination runs).",
         ),
     ] = None,
@@ -588,9 +588,10 @@ def sweep(
         bool, typer.Option("--dry-run", help="Validate every point and print what would run; run nothing.")
     ] = False,
 ) -> None:
-    """Train every combination of --grid values, one run after another, then compare them.
+    """Train a grid of recipe values, one run each, then compare.
 
-    Completed points are skipped and an interrupted one resumes, so running the same command again continues a sweep.
+    Every combination of the --grid values runs, one after another. Completed points are skipped and an
+    interrupted one resumes, so running the same command again continues a sweep.
     """
     from ftkit.commands.sweep import plan_sweep, run_sweep
 
