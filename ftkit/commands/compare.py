@@ -142,8 +142,8 @@ def check_comparable(runs: list[RunData]) -> tuple[str, str]:
             )
         if run.facts["val_sha256"] is None:
             raise RunDirError(
-                f"{run.path}: the run has no validation set (data.val or data.val_fraction); "
-                "compare ranks runs on val_loss"
+                f"{run.path}: the run records no val-set fingerprint: it has no validation set (data.val or "
+                "data.val_fraction), or its file was gone when training ended; compare ranks runs on val_loss"
             )
     first = runs[0]
     for run in runs[1:]:

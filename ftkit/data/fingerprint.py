@@ -10,7 +10,17 @@ import hashlib
 import json
 
 from ftkit.data.splits import read_key_rows, split_rows
+from ftkit.errors import DataError
 from ftkit.recipe.schema import DataSection
+
+
+def val_fingerprint_or_none(data: DataSection, seed: int) -> str | None:
+    """`val_fingerprint`, or None when the files cannot be read any more (moved or deleted while the
+    run trained): the run's facts must still be written."""
+    try:
+        return val_fingerprint(data, seed)
+    except (DataError, OSError):
+        return None
 
 
 def val_fingerprint(data: DataSection, seed: int) -> str | None:

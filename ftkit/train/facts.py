@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ftkit.data import micro_batch_order
-from ftkit.data.fingerprint import val_fingerprint
+from ftkit.data.fingerprint import val_fingerprint_or_none
 from ftkit.data.packing import padding_efficiency
 from ftkit.plan import mfu
 from ftkit.recipe.schema import Recipe
@@ -42,7 +42,8 @@ def run_facts(
             "model": recipe.model.name,
             "method": recipe.method.name,
             "task": task_name(recipe),
-            "val_sha256": val_fingerprint(recipe.data, cfg.seed),  # `ftkit compare` compares runs on the same val rows
+            # `ftkit compare` compares only runs whose val_loss was measured on the same rows
+            "val_sha256": val_fingerprint_or_none(recipe.data, cfg.seed),
             "trainable_params": trainable_params,
             "total_params": total_params,
             "trainable_pct": 100 * trainable_params / max(total_params, 1),
