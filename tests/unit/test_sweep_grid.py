@@ -6,7 +6,7 @@ import pytest
 
 from ftkit.commands.compare import curves, labels_for, verdict
 from ftkit.commands.sweep import grid_points, parse_grid, point_name, split_values
-from ftkit.data.fingerprint import val_fingerprint
+from ftkit.data.fingerprint import val_fingerprint, val_fingerprint_or_none
 from ftkit.errors import ArgumentError
 from ftkit.recipe.schema import DataSection
 from tests.support.helpers import make_rows, write_jsonl
@@ -114,3 +114,5 @@ def test_val_fingerprint_is_the_val_rows_not_their_path(tmp_path):
     split = val_fingerprint(DataSection(train=str(a), val_fraction=0.25), seed=1)
     assert split == val_fingerprint(DataSection(train=str(b), val_fraction=0.25), seed=1)
     assert split != val_fingerprint(DataSection(train=str(a), val_fraction=0.25), seed=2)
+    gone = DataSection(train=str(a), val=str(tmp_path / "gone.jsonl"))  # deleted while the run trained
+    assert val_fingerprint_or_none(gone, seed=1) is None
