@@ -535,6 +535,78 @@ def export(
         stdout.data().write(json.dumps(report, indent=2) + "\n")
 
 
+@app.command(cls=HelpCommand)
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (two or more).", metavar="RUN...")],
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="DIR", help="Directory for compare.md, .png, .json (required).")
+    ] = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Also write compare.html (self-contained, PNG embedded).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table and verdict as JSON on stdout.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="NAME", help="A name per run for the table, in order (default: folder names)."),
+    ] = None,
+) -> None:
+    """Put runs side by side: loss curves, a table and a verdict.
+
+    Runs must share a task and validation set. The newest `ftkit eval` of each run adds its metrics.
+    """
+    if out is None:
+        raise ArgumentError("--out: give the directory for the comparison, e.g. --out runs/compare")
+    import json
+
+    from ftkit.commands.compare import compare_runs, summary_text
+
+    comparison = compare_runs(runs, out, overwrite=overwrite, with_html=html, labels=label)
+    stdout.messages().write(summary_text(comparison) + f"wrote {out / 'compare.md'}\n")
+    if as_json:
+        stdout.data().write(json.dumps(comparison.as_json(), indent=2) + "\n")
+
+
+@app.command(cls=HelpCommand)
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", metavar="RECIPE")],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            metavar="KEY=VALUES",
+            help="A recipe key and its values: --grid train.lr=1e-4,3e-4 (repeatable: every combination runs).",
+        ),
+    ] = None,
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Sweep directory: one run per point, then compare.* (default: runs/sweep-RECIPE).",
+        ),
+    ] = None,
+    html: Annotated[bool, typer.Option("--html", help="Also write compare.html.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate every point and print what would run; run nothing.")
+    ] = False,
+) -> None:
+    """Train a grid of recipe values, one run each, then compare.
+
+    Every combination of the --grid values runs, one after another. Completed points are skipped and an
+    interrupted one resumes, so running the same command again continues a sweep.
+    """
+    from ftkit.commands.sweep import plan_sweep, run_sweep
+
+    out = out if out is not None else Path("runs") / f"sweep-{recipe.stem}"
+    if dry_run:
+        points, _ = plan_sweep(recipe, set_ or [], grid or [], out)
+        stdout.data().write("".join(f"{p.action}\t{p.run_dir}\n" for p in points))
+        return
+    run_sweep(recipe, set_ or [], grid or [], out, with_html=html)
+
+
 def main() -> None:
     """Entry point: run the app, turning known failures into one stderr line and an exit code."""
     try:

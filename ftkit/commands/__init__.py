@@ -6,4 +6,6 @@ classify       a classifier's eval and predictions (for eval and generate)
 merge          ftkit merge RUN: an adapter folded into its base, verified
 merge_models   ftkit merge --config: models merged (linear, slerp, ties, ...) or layers stacked
 extract        ftkit extract: a LoRA adapter from a full fine-tune, by SVD
+compare        ftkit compare: runs side by side (curves, table, verdict), refused across tasks or val sets
+sweep          ftkit sweep: a grid of recipe values, one child `ftkit train` per point, then compare
 """

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from ftkit.data import micro_batch_order
+from ftkit.data.fingerprint import val_fingerprint_or_none
 from ftkit.data.packing import padding_efficiency
 from ftkit.plan import mfu
 from ftkit.recipe.schema import Recipe
+from ftkit.tasks import task_name
 from ftkit.train.loop import TrainState, examples_per_step
 from ftkit.train.setup import Inputs, Trainable
 
@@ -39,6 +41,9 @@ def run_facts(
             "status": status,
             "model": recipe.model.name,
             "method": recipe.method.name,
+            "task": task_name(recipe),
+            # `ftkit compare` compares only runs whose val_loss was measured on the same rows
+            "val_sha256": val_fingerprint_or_none(recipe.data, cfg.seed),
             "trainable_params": trainable_params,
             "total_params": total_params,
             "trainable_pct": 100 * trainable_params / max(total_params, 1),
