@@ -38,6 +38,11 @@ SAMPLES = "samples.jsonl"
 REFERENCE_LOGPS = "reference_logps.safetensors"
 LABELS = "labels.json"
 LORA_DROP = "lora_drop.json"
+MEDUSA_DISTILL = "medusa_self_distill.jsonl"  # method medusa, self_distill: the base's own answers
+# inside final/ and checkpoints of a medusa run (FasterDecoding/Medusa's names)
+MEDUSA_HEADS = "medusa_lm_head.safetensors"
+MEDUSA_CONFIG = "config.json"
+MEDUSA_MERGED_DIR = "medusa"  # beside a merged model: the heads
 EVAL_GLOB = "eval-*.json"
 LOGS = "logs"
 LIBRARIES_LOG = f"{LOGS}/libraries.log"
@@ -56,6 +61,7 @@ RUN_ENTRIES = (
     REFERENCE_LOGPS,
     LABELS,
     LORA_DROP,
+    MEDUSA_DISTILL,
     LOGS,
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step

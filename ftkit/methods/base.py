@@ -80,6 +80,12 @@ class MethodHooks:
                       checkpoint as method_state.safetensors.
     load_state        `load_state(tensors)` on resume, after the weights and the optimizer state
                       are restored, with the tensors `state()` returned at that checkpoint.
+    objective         `objective(task_objective) -> objective`: what the loop minimises instead of the
+                      task's objective, built around it (the same collate / units / loss_sum interface,
+                      ftkit.tasks.objective), for a method that changes what is learned (Medusa's extra
+                      heads). Used for training and for val_loss; refused under fsdp / deepspeed and
+                      under ddp with several processes (its loss_sum may bypass the engine's forward,
+                      so gradients would not be synchronised): engines.check_method_hooks.
     """
 
     param_groups: list[dict] | None = None
@@ -90,3 +96,4 @@ class MethodHooks:
     save_final: Callable[[Any, Path], None] | None = None
     state: Callable[[], dict[str, Any]] | None = None
     load_state: Callable[[dict[str, Any]], None] | None = None
+    objective: Callable[[Any], Any] | None = None

@@ -243,7 +243,7 @@ def estimate_checkpoint_bytes(model: Any, optimizer_name: str) -> int:
     fp32), two uint8 moments for the 8-bit optimizers (their 32-bit fallback for tensors
     under 4096 elements and the quantile maps are small enough to ignore here).
     """
-    is_adapter = hasattr(model, "peft_config")
+    is_adapter = hasattr(model, "peft_config") or getattr(model, "saves_trainable_only", False)
     weights = optimizer = 0
     for param in model.parameters():
         size = param.numel() * param.element_size()
@@ -337,7 +337,12 @@ def load_weights(model: Any, path: Path) -> None:
     An adapter goes through peft's `set_peft_model_state_dict` (adapter names, modules_to_save);
     a full model through `load_state_dict` by parameter name. Every trainable parameter must be
     in the files, or share storage with one that is (tied embeddings); otherwise RunDirError.
+    A model with its own `load_trained_weights(path)` (a method's wrapper: Medusa) reads its files itself.
     """
+    own_loader = getattr(model, "load_trained_weights", None)  # a method's own model (Medusa) reads its files
+    if callable(own_loader):
+        own_loader(path)
+        return
     state = load_tensors(path)
     if has_adapter_config(path):
         result = set_peft_model_state_dict(model, state)
