@@ -162,7 +162,8 @@ class MedusaModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (B, T, H) of the base (with its LoRA) for a padded batch."""
-        return self.hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        decoder = self.hf.get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def medusa_config(self) -> dict[str, Any]:
         cfg = self.method
@@ -216,7 +217,8 @@ def load_heads(heads: MedusaHeads, path: Path) -> None:
         raise RunDirError(f"{file}: no tensor {missing[0]}; was it saved with these method.heads / head_layers?")
     bad = [n for n in wanted if tuple(tensors[n].shape) != tuple(wanted[n].shape)]
     if bad:
-        raise RunDirError(f"{file}: {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, not {tuple(wanted[bad[0]].shape)}")
+        got, want = tuple(tensors[bad[0]].shape), tuple(wanted[bad[0]].shape)
+        raise RunDirError(f"{file}: {bad[0]} has shape {got}, not {want}; saved with other method.heads settings?")
     heads.medusa_head.load_state_dict({n: tensors[n] for n in wanted})
 
 
