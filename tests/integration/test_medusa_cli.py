@@ -62,9 +62,8 @@ def test_trains_and_final_has_the_reference_layout(runs, name):
     assert (code, out) == (0, ""), err
     train, val = read_metrics(run_dir)
     losses = [r["loss"] for r in train]
-    assert (
-        sum(losses[-5:]) / 5 <= 0.9 * sum(losses[:5]) / 5
-    )  # the table's bar (tests/integration/test_train_methods.py)
+    # the bar of the methods table (tests/integration/test_train_methods.py)
+    assert sum(losses[-5:]) / 5 <= 0.9 * sum(losses[:5]) / 5
     assert "medusa0_acc" in train[-1] and "val_medusa1_loss" in val[-1]
     final = run_dir / "final"
     config = json.loads((final / "config.json").read_text())
