@@ -600,6 +600,11 @@ class MedusaConfig(MethodConfig):
     default_lr: ClassVar[float] = 1e-3
     default_lr_reason: ClassVar[str] = "Medusa heads 1e-3: Cai et al. 2024 train the heads with lr 1e-3"
     summary: ClassVar[str] = "Medusa: extra heads that predict several tokens ahead, for speculative decoding"
+    #: what `ftkit methods medusa` says about merging (it depends on `base`)
+    merge_note: ClassVar[str] = (
+        "base: lora only (ftkit merge folds the LoRA in and writes the heads beside it, DIR/medusa/); "
+        "base: frozen has nothing to merge (the base is unchanged, the heads already stand alone)"
+    )
 
     @property
     def mergeable(self) -> bool:  # type: ignore[override]

@@ -158,6 +158,9 @@ METHOD_CASES: dict[str, dict] = {
         "method": {"name": "peft", "type": "fourierft", "n_frequency": 500, "scaling": 300.0, "init_weights": True},
         "train": {"lr": 1e-2},
     },
+    # Medusa-2: two heads with their own projections on a LoRA base; the loss is the LM's plus the heads'
+    # (tests/integration/test_medusa_cli.py has the frozen base, decoding, eval and merge)
+    "medusa": {"method": {"name": "medusa", "heads": 2, "base": "lora", **_LORA}, "train": {"lr": 1e-2}},
 }
 
 # ---- task: classification (tests/classification_data.py: round vs angular shapes), every family once.
