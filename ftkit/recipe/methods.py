@@ -614,8 +614,8 @@ class MedusaConfig(MethodConfig):
         problems = []
         if recipe.task != "causal_lm" or recipe.objective.name != "sft":
             problems.append(
-                "method.name: medusa trains heads with next-tokens cross-entropy (objective.name: sft on task: "
-                "causal_lm); remove task / objective.name, or choose another method"
+                f"objective.name: medusa trains its heads with next-token cross-entropy (objective.name: sft, "
+                f"task: causal_lm), not {recipe.objective.name} / {recipe.task}; use sft, or another method"
             )
         if recipe.data.packing:
             problems.append(

@@ -153,16 +153,17 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize(
-    ("method", "data", "key"),
+    ("method", "extra", "key"),
     [
         ({"name": "medusa", "heads": 0}, {}, "method.heads"),
         ({"name": "medusa", "decay": 0}, {}, "method.decay"),
         ({"name": "medusa", "projection": "tied"}, {}, "method.projection"),
-        ({"name": "medusa"}, {"packing": True}, "data.packing"),
+        ({"name": "medusa"}, {"data": {"packing": True}}, "data.packing"),
+        ({"name": "medusa"}, {"objective": {"name": "dpo"}}, "objective.name"),
     ],
 )
-def test_bad_input_exits_2_before_the_run_dir(tmp_path, tiny_data, method, data, key):
-    recipe = make_recipe(tmp_path, tiny_data, method=method, data=data)
+def test_bad_input_exits_2_before_the_run_dir(tmp_path, tiny_data, method, extra, key):
+    recipe = make_recipe(tmp_path, tiny_data, method=method, **extra)
     code, out, err = run_cli("train", str(recipe))
     assert (code, out) == (2, "")
     assert key in err
