@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,29 @@ def test_generate_refuses_sampling(runs):
     (code, _, err), run_dir = runs("frozen")
     code, out, err = run_cli("generate", str(run_dir), "--prompt", "x", "--temperature", "0.7")
     assert code == 2 and "--temperature" in err
+
+
+@pytest.mark.slow  # the worked recipe on tiny-llama with its 100 validation rows: ~20 s of CPU
+def test_docs_medusa_commands_run(tmp_path, monkeypatch):
+    """docs/medusa.md's commands, the training cut to two steps on eight rows."""
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "medusa.md").read_text()
+    commands = [line.split() for line in page.splitlines() if line.startswith("ftkit ")]
+    assert [c[:2] for c in commands] == [
+        ["ftkit", "train"],
+        ["ftkit", "generate"],
+        ["ftkit", "eval"],
+        ["ftkit", "methods"],
+    ]
+    monkeypatch.chdir(root)
+    run = tmp_path / "medusa"
+    short = ["--set", "train.max_steps=2", "--set", "data.max_samples=8", "--output-dir", str(run)]
+    code, out, err = run_cli(*commands[0][1:], *short)
+    assert (code, out) == (0, ""), err
+    prompt = page.split('--prompt "')[1].split('"')[0]
+    code, out, err = run_cli("generate", str(run), "--prompt", prompt, "--max-new-tokens", "8")
+    assert code == 0 and out.endswith("\n"), err
+    code, out, err = run_cli("eval", str(run), "--max-samples", "2", "--max-new-tokens", "8")
+    assert code == 0 and "tokens_per_forward" in err, err
+    code, out, err = run_cli(*commands[3][1:])
+    assert code == 0 and "base: lora only" in out and "base: frozen has nothing to merge" in out
