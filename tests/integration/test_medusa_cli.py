@@ -201,3 +201,26 @@ def test_docs_medusa_commands_run(tmp_path, monkeypatch):
     assert code == 0 and "tokens_per_forward" in err, err
     code, out, err = run_cli(*commands[3][1:])
     assert code == 0 and "base: lora only" in out and "base: frozen has nothing to merge" in out
+
+
+def test_self_distill_trains_on_the_base_s_own_greedy_answers(tmp_path, tiny_data):
+    recipe = {
+        "method": {**FROZEN, "self_distill": True},
+        "data": {"max_samples": 4, "max_length": 48},
+        "train": {"max_steps": 3, "batch_size": 2, "samples": 0, "save_every": 1},
+    }
+    make_recipe(tmp_path, tiny_data, name="distill", **recipe)
+    code, err, run_dir = train(tmp_path, tiny_data, "distill", fault="sigterm@step:2")
+    assert code == 143
+    assert "self-distillation: generating the base's answers to 4 prompts" in err
+    rows = [json.loads(line) for line in (run_dir / "medusa_self_distill.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.float32)
+    prompt = torch.tensor([rows[0]["prompt"]])
+    greedy = base.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48 - prompt.shape[1], do_sample=False
+    )[0, prompt.shape[1] :].tolist()
+    assert rows[0]["answer"] == greedy
+    code, err, _ = train(tmp_path, tiny_data, "distill", "--resume")  # reads the answers back
+    assert code == 0, err
+    assert "self-distillation" not in err
