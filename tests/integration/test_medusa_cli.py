@@ -203,7 +203,7 @@ def test_docs_medusa_commands_run(tmp_path, monkeypatch):
     assert code == 0 and "base: lora only" in out and "base: frozen has nothing to merge" in out
 
 
-@pytest.mark.slow  # generates 64 greedy answers before training (~15 s of CPU)
+@pytest.mark.slow  # greedy answers generated before training, then a kill and a resume: ~15 s of CPU
 def test_self_distill_trains_on_the_base_s_own_greedy_answers(tmp_path, tiny_data):
     recipe = {
         "method": {**FROZEN, "self_distill": True},
