@@ -334,6 +334,47 @@ def prompt_key(example: Example) -> tuple[int, ...]:
     return tuple(example.input_ids[:first])
 
 
+DISTILL_BATCH = 16  # prompts generated at once (left-padded), by length
+
+
+def _greedy_answers(
+    model: MedusaModel, prompts: list[tuple[int, ...]], limit: int, pad_id: int | None
+) -> dict[tuple[int, ...], list[int]]:
+    """{prompt: the base's greedy answer}, up to its EOS and `limit` tokens in all, in left-padded batches."""
+    hf = model.hf
+    device = next(hf.parameters()).device
+    eos = hf.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    pad = pad_id if pad_id is not None else 0
+    was_training = hf.training
+    hf.eval()
+    out: dict[tuple[int, ...], list[int]] = {}
+    order = sorted(prompts, key=len)
+    scope = model.base.disable_adapter() if model.has_lora else contextlib.nullcontext()
+    with scope, torch.no_grad():
+        for start in range(0, len(order), DISTILL_BATCH):
+            batch = order[start : start + DISTILL_BATCH]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, prompt in enumerate(batch):
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            generated = hf.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(limit - width, 1),
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            for row, prompt in enumerate(batch):
+                answer = generated[row, width:].tolist()
+                end = next((i + 1 for i, tok in enumerate(answer) if tok in eos), len(answer))
+                out[prompt] = answer[:end]
+    hf.train(was_training)
+    return out
+
+
 def self_distilled(model: MedusaModel, run: RunInfo) -> dict[tuple[int, ...], Example]:
     """{prompt: the example with the base's own greedy answer}, for every training example; generated
     once and cached in the run directory (MEDUSA_DISTILL), read back on a resume."""
@@ -347,25 +388,7 @@ def self_distilled(model: MedusaModel, run: RunInfo) -> dict[tuple[int, ...], Ex
     todo = [p for p in prompts if p not in answers]
     if todo:
         print(f"medusa: self-distillation: generating the base's answers to {len(todo)} prompts", file=messages())
-        limit = run.max_length or 512
-        hf = model.hf
-        device = next(hf.parameters()).device
-        was_training = hf.training
-        hf.eval()
-        scope = model.base.disable_adapter() if model.has_lora else contextlib.nullcontext()
-        with scope, torch.no_grad():
-            for prompt in todo:
-                budget = max(limit - len(prompt), 1)
-                ids = torch.tensor([list(prompt)], device=device)
-                out = hf.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=budget,
-                    do_sample=False,
-                    pad_token_id=run.pad_id,
-                )
-                answers[prompt] = out[0, len(prompt) :].tolist()
-        hf.train(was_training)
+        answers |= _greedy_answers(model, todo, run.max_length or 512, run.pad_id)
         if cache is not None:
             cache.write_text("".join(json.dumps({"prompt": list(p), "answer": answers[p]}) + "\n" for p in prompts))
     out: dict[tuple[int, ...], Example] = {}
