@@ -221,7 +221,8 @@ def test_self_distill_trains_on_the_base_s_own_greedy_answers(tmp_path, tiny_dat
     greedy = base.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48 - prompt.shape[1], do_sample=False
     )[0, prompt.shape[1] :].tolist()
-    assert rows[0]["answer"] == greedy
+    answer = rows[0]["answer"]  # generated in a left-padded batch, to the batch's budget: a prefix of greedy's
+    assert answer and answer == greedy[: len(answer)]
     code, err, _ = train(tmp_path, tiny_data, "distill", "--resume")  # reads the answers back
     assert code == 0, err
     assert "self-distillation" not in err
