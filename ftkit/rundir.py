@@ -42,6 +42,11 @@ LORA_DROP = "lora_drop.json"
 BOTTLENECK_WEIGHTS = "bottleneck_model.safetensors"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
 ROUTING = "routing.json"  # moe_router: which expert each val domain routes to
+MEDUSA_DISTILL = "medusa_self_distill.jsonl"  # method medusa, self_distill: the base's own answers
+# inside final/ and checkpoints of a medusa run (FasterDecoding/Medusa's names)
+MEDUSA_HEADS = "medusa_lm_head.safetensors"
+MEDUSA_CONFIG = "config.json"
+MEDUSA_MERGED_DIR = "medusa"  # beside a merged model: the heads
 EVAL_GLOB = "eval-*.json"
 LOGS = "logs"
 LIBRARIES_LOG = f"{LOGS}/libraries.log"
@@ -61,6 +66,7 @@ RUN_ENTRIES = (
     LABELS,
     LORA_DROP,
     ROUTING,
+    MEDUSA_DISTILL,
     LOGS,
 )
 #: outputs of the end of a run, stale once a resume starts from an earlier step

@@ -31,11 +31,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ftkit.commands import medusa
 from ftkit.data import load_splits, read_rows
 from ftkit.data.splits import load_file
 from ftkit.errors import ArgumentError, DataError, FtkitError
 from ftkit.io import data as data_stream
 from ftkit.io import messages
+from ftkit.methods.medusa_decode import is_medusa_target
 from ftkit.models.target import Target, device_type, load_tokenizer
 from ftkit.recipe.schema import DataSection
 from ftkit.report import refresh_report
@@ -108,7 +110,10 @@ def run_eval(
         generation=generation,
         max_new_tokens=max_new_tokens,
     )
-    evaluation = measuring_task(target, evalset.fmt).evaluate(target, tokenizer, evalset, options)
+    if is_medusa_target(target):  # the heads' accuracy and speed-up besides the usual figures
+        evaluation = medusa.evaluate(target, tokenizer, evalset, options)
+    else:
+        evaluation = measuring_task(target, evalset.fmt).evaluate(target, tokenizer, evalset, options)
     result: dict[str, Any] = {"target": target.spec, "weights": target.weights, "checkpoint": target.checkpoint}
     result |= evaluation.fields
     result |= {
@@ -191,6 +196,17 @@ def confusion_table(confusion: dict) -> Table:
     return table
 
 
+def medusa_table(figures: dict) -> Table:
+    """A medusa run's heads: top-1 accuracy per head, tokens per forward, speed-ups, identical outputs."""
+    table = Table("medusa", "value", box=None, pad_edge=False, header_style="bold")
+    for key, value in figures.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.3f}")
+        elif isinstance(value, int):
+            table.add_row(key, str(value))
+    return table
+
+
 def format_table(result: dict) -> str:
     """The human summary printed on stderr: what was measured, the metrics table (a classifier's
     confusion matrix under it), and where the result went."""
@@ -199,6 +215,8 @@ def format_table(result: dict) -> str:
     )
     foot = f"{result['wall_s']:.1f}s on {result['device']}" + (f" · wrote {result['file']}" if "file" in result else "")
     tables = [metrics_table(result)] + ([confusion_table(result["confusion"])] if "confusion" in result else [])
+    if "medusa" in result:
+        tables.append(medusa_table(result["medusa"]))
     buffer = io.StringIO()
     # plain text: no colour codes in a log, and labels such as "[neg]" are names, not rich markup
     console = Console(file=buffer, width=200, color_system=None, markup=False, emoji=False, highlight=False)

@@ -14,8 +14,10 @@ import json
 import sys
 from typing import TextIO
 
+from ftkit.commands import medusa
 from ftkit.errors import ArgumentError, DataError
 from ftkit.io import data as data_stream
+from ftkit.methods.medusa_decode import is_medusa_target
 from ftkit.models.target import Target, load_tokenizer
 from ftkit.tasks import task_of
 from ftkit.tasks.generation import Sampling
@@ -70,4 +72,6 @@ def run_generate(
     inputs = command_inputs(prompt, stdin)
     tokenizer = load_tokenizer(target)
     options = PredictOptions(sampling, batch_size, template)
+    if is_medusa_target(target):  # speculative decoding with the run's heads
+        return medusa.predict(target, tokenizer, inputs, options, stdout)
     return task_of(target).predict(target, tokenizer, inputs, options, stdout)

@@ -61,12 +61,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from ftkit.commands import medusa
 from ftkit.commands.eval import load_eval_set
 from ftkit.errors import ArgumentError, FtkitError, ModelError, VerificationError
 from ftkit.io import check_out, messages, publish
+from ftkit.methods.medusa_decode import is_medusa_target
 from ftkit.models import bottleneck, hf_files
 from ftkit.models.load import resolve_dtype
 from ftkit.models.target import Target, attach_adapter, device_type, load_model, load_tokenizer
+from ftkit.rundir import MEDUSA_MERGED_DIR
 from ftkit.tasks import Task, task_of
 
 #: max |Δ logit| between the merged model and base + adapter, relative to the logits' scale, by
@@ -129,6 +132,9 @@ def merge_adapter(
     started = time.perf_counter()
     out = Path(out)
     quantized_run = target.model_cfg.quantization is not None
+    with_heads = is_medusa_target(target)
+    if with_heads:
+        medusa.check_mergeable(target)
     _check_mergeable(target, from_quantized)
     check_out(out, overwrite, [("adapter", target.weights), ("base model", target.base)])
     merge_dtype = _dtype_name(resolve_dtype(dtype, device_type()))
@@ -172,6 +178,8 @@ def merge_adapter(
                 target, tokenizer, examples, merge_dtype, from_quantized, staging, max_shard_size, task
             )
         tokenizer.save_pretrained(staging)
+        if with_heads:  # a medusa run: its heads beside the merged model, pointing at it
+            medusa.write_heads(target, staging / MEDUSA_MERGED_DIR, str(out.resolve()))
         merged = _scores_of(
             lambda: _load_plain(staging, merge_dtype, budget if low_memory else None, offload),
             examples,

@@ -279,11 +279,16 @@ def check_method_hooks(accelerator: Accelerator, recipe: Any, hooks: Any) -> Non
     (LoRA+) are fine everywhere.
     """
     strategy = recipe.distributed.strategy
+    if hooks.objective is not None and strategy == "ddp" and accelerator.num_processes > 1:
+        raise DistributedError(
+            f"method.name: {recipe.method.name} trains through its own objective, whose forward is not the "
+            "ddp-wrapped model's (gradients would not be synchronised); train it on one process"
+        )
     if strategy == "ddp":
         return
     own = [
         name
-        for name in ("optimizer", "before_zero_grad", "after_step", "regularizer", "save_final", "state")
+        for name in ("optimizer", "before_zero_grad", "after_step", "regularizer", "save_final", "state", "objective")
         if getattr(hooks, name)
     ]
     if own:

@@ -85,6 +85,12 @@ class MethodHooks:
                       model (AdapterFusion's weight per adapter on the val set), called once when a
                       run completes, after final/ is saved; summary.json keeps it under
                       facts.method_facts and report.md lists it.
+    objective         `objective(task_objective) -> objective`: what the loop minimises instead of the
+                      task's objective, built around it (the same collate / units / loss_sum interface,
+                      ftkit.tasks.objective), for a method that changes what is learned (Medusa's extra
+                      heads). Used for training and for val_loss; refused under fsdp / deepspeed and
+                      under ddp with several processes (its loss_sum may bypass the engine's forward,
+                      so gradients would not be synchronised): engines.check_method_hooks.
     """
 
     param_groups: list[dict] | None = None
@@ -96,3 +102,4 @@ class MethodHooks:
     state: Callable[[], dict[str, Any]] | None = None
     load_state: Callable[[dict[str, Any]], None] | None = None
     facts: Callable[[], dict[str, Any]] | None = None
+    objective: Callable[[Any], Any] | None = None

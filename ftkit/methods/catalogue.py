@@ -50,7 +50,8 @@ def describe_method(name: str) -> str:
     lines = [f"{name}: {config.summary}", "", doc, ""]
     lines.append(f"default train.lr: {config.default_lr:g} ({config.default_lr_reason})")
     if name != "peft":
-        lines.append(f"mergeable into the base weights: {'yes' if config.mergeable else 'no'}")
+        merge = getattr(config, "merge_note", None) or ("yes" if config.mergeable else "no")  # medusa: per base
+        lines.append(f"mergeable into the base weights: {merge}")
     rows = [("key", "type", "default", "description")]
     for key, info in config.model_fields.items():
         rows.append(

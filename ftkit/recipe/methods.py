@@ -670,6 +670,66 @@ class MoeRouterConfig(MethodConfig):
     mergeable: ClassVar[bool] = False
 
 
+# ---------------------------------------------------------------- Medusa (extra decoding heads)
+
+
+class MedusaConfig(MethodConfig):
+    """Medusa (Cai et al. 2024): K extra heads on the last hidden state h_t; head k (0-based) predicts
+    token t+k+2 as W_k · ResBlocks_k(h_t), ResBlock(x) = x + SiLU(U x + b) with U zero-initialised and W_k
+    starting from lm_head; loss = [base LM loss, base: lora only] + Σ_k decay^k · CE_k."""
+
+    name: Literal["medusa"] = "medusa"
+    heads: int = Field(4, ge=1, le=16, description="Number of Medusa heads K (head k predicts token t+k+2).")
+    head_layers: int = Field(1, ge=1, description="Residual blocks per head before its vocabulary projection.")
+    projection: Literal["own", "shared"] = Field(
+        "own",
+        description="own: each head has its own vocabulary projection, a trained copy of lm_head (the paper's); "
+        "shared: every head reuses the frozen lm_head (far fewer trainable parameters).",
+    )
+    base: Literal["frozen", "lora"] = Field(
+        "frozen",
+        description="frozen: only the heads train (Medusa-1; outputs exactly the base's); lora: the base trains "
+        "a LoRA too and keeps its own LM loss (Medusa-2).",
+    )
+    decay: float = Field(0.8, gt=0.0, le=1.0, description="Weight of head k's loss is decay^k (the paper's 0.8).")
+    self_distill: bool = Field(
+        False,
+        description="Train on the base model's own greedy answers to the training prompts (generated once "
+        "before training, cached in the run directory), as the paper recommends when the data is not the "
+        "model's own.",
+    )
+    r: int = Field(16, ge=1, description="base: lora only: adapter rank.")
+    alpha: float = Field(32, gt=0, description="base: lora only: scaling numerator (update scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="base: lora only: dropout on the adapter input.")
+    target_modules: TargetModules = Field("all-linear", description="base: lora only. " + _TARGETS)
+    default_lr: ClassVar[float] = 1e-3
+    default_lr_reason: ClassVar[str] = "Medusa heads 1e-3: Cai et al. 2024 train the heads with lr 1e-3"
+    summary: ClassVar[str] = "Medusa: extra heads that predict several tokens ahead, for speculative decoding"
+    #: what `ftkit methods medusa` says about merging (it depends on `base`)
+    merge_note: ClassVar[str] = (
+        "base: lora only (ftkit merge folds the LoRA in and writes the heads beside it, DIR/medusa/); "
+        "base: frozen has nothing to merge (the base is unchanged, the heads already stand alone)"
+    )
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return self.base == "lora"
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        problems = []
+        if recipe.task != "causal_lm" or recipe.objective.name != "sft":
+            problems.append(
+                f"objective.name: medusa trains its heads with next-token cross-entropy (objective.name: sft, "
+                f"task: causal_lm), not {recipe.objective.name} / {recipe.task}; use sft, or another method"
+            )
+        if recipe.data.packing:
+            problems.append(
+                "data.packing: medusa's heads predict tokens several positions ahead, which packing would take "
+                "from the next example; set data.packing: false"
+            )
+        return problems
+
+
 #: every `method:` section, in the order `ftkit methods` lists them (ftkit.methods registers each)
 METHOD_CONFIGS: tuple[type[MethodConfig], ...] = (
     FullConfig,
@@ -697,4 +757,5 @@ METHOD_CONFIGS: tuple[type[MethodConfig], ...] = (
     AdapterFusionConfig,
     LlamaAdapterConfig,
     MoeRouterConfig,
+    MedusaConfig,
 )

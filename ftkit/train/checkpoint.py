@@ -338,7 +338,12 @@ def load_weights(model: Any, path: Path) -> None:
     An adapter goes through peft's `set_peft_model_state_dict` (adapter names, modules_to_save);
     a full model through `load_state_dict` by parameter name. Every trainable parameter must be
     in the files, or share storage with one that is (tied embeddings); otherwise RunDirError.
+    A model with its own `load_trained_weights(path)` (a method's wrapper: Medusa) reads its files itself.
     """
+    own_loader = getattr(model, "load_trained_weights", None)  # a method's own model (Medusa) reads its files
+    if callable(own_loader):
+        own_loader(path)
+        return
     state = load_tensors(path)
     if has_adapter_config(path):
         result = set_peft_model_state_dict(model, state)

@@ -267,6 +267,8 @@ def task_objective(
         objective, facts = task.objective(
             recipe, trainable.unwrapped, splits, where, accelerator.device, trainable.tokenizer.pad_token_id
         )
+    if trainable.hooks.objective is not None:  # a method's own objective around the task's (Medusa)
+        objective = trainable.hooks.objective(objective)
     if trainable.hooks.regularizer is not None:
         objective = Regularized(objective, trainable.hooks.regularizer)
     return objective, facts

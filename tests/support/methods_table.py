@@ -204,6 +204,9 @@ METHOD_CASES: dict[str, dict] = {
         "method": {"name": "moe_router", "aux_loss_coef": 0.01, "lora_experts": {"r": 8, "alpha": 16}},
         "train": {"lr": 1e-2},
     },
+    # Medusa-2: two heads with their own projections on a LoRA base; the loss is the LM's plus the heads'
+    # (tests/integration/test_medusa_cli.py has the frozen base, decoding, eval and merge)
+    "medusa": {"method": {"name": "medusa", "heads": 2, "base": "lora", **_LORA}, "train": {"lr": 1e-2}},
 }
 
 # ---- task: classification (tests/classification_data.py: round vs angular shapes), every family once.

@@ -121,8 +121,9 @@ def test_duplicate_key_cites_both_lines():
 def test_merge_keys_may_be_overridden_without_a_duplicate_error():
     text = MINIMAL + "base: &base {lr: 1.0e-4, epochs: 2}\ntrain:\n  <<: *base\n  lr: 3.0e-4\n"
     problems = problems_of(text)  # `base` itself is an unknown top-level key, nothing else
-    top_level = "task, model, method, data, objective, train, perf, distributed, output_dir"
-    assert problems == [f"recipe.yaml:3: base: unknown key; the top level takes: {top_level}"]
+    # (the hint after it names method.base since medusa has that key; the point here is that nothing else is reported)
+    (problem,) = problems
+    assert problem.startswith("recipe.yaml:3: base: unknown key")
 
 
 @pytest.mark.parametrize(
