@@ -158,6 +158,7 @@ def medusa_generate(
     blocked = torch.finfo(hf.dtype).min
     tree_mask = torch.where(tree.ancestors.to(device), 0.0, blocked).to(hf.dtype)
     while len(new) < max_new_tokens and root not in eos:
+        # head k's top-k at `hidden` (the last accepted position p, whose argmax is root = token p+1): p+k+2
         candidates = [heads.logits(k, hidden).topk(tree.topk[k]).indices.tolist() for k in range(len(tree.topk))]
         tokens = [root] + [candidates[len(p) - 1][p[-1]] for p in tree.paths]
         mask = torch.cat([torch.zeros(n, past, dtype=hf.dtype, device=device), tree_mask], dim=1)
@@ -188,6 +189,7 @@ def medusa_generate(
         if tokens[node] in eos:
             break
         root = predicted[node]
+        hidden = states[node]  # the heads speculate from the last accepted position
         new.append(root)
     stats.seconds = time.perf_counter() - start
     return _stop_at(new, eos, max_new_tokens), stats

@@ -36,7 +36,7 @@ def test_tree_drops_paths_deeper_than_the_heads_and_refuses_orphans():
 
 class OracleHeads(MedusaHeads):
     """At the hidden state that predicts greedy token t, head k proposes greedy token t+k+1: at rank 0, at
-    rank 1 (a wrong token at rank 0) or not at all, by (t + k) % 3."""
+    rank 1 (a wrong token at rank 0) or not at all, by (t // 3 + k) % 3."""
 
     def __init__(self, lm_head, heads, hidden_of_position, continuation):
         super().__init__(lm_head, heads, 1, "shared")
@@ -48,7 +48,7 @@ class OracleHeads(MedusaHeads):
         wanted = t + k + 1
         if wanted < len(self.continuation):
             token = self.continuation[wanted]
-            case = (t + k) % 3
+            case = (t // 3 + k) % 3
             if case == 0:
                 out[token] = 10.0
             elif case == 1:
@@ -86,6 +86,8 @@ def test_speculative_output_equals_greedy_generate(micro, prompt):
     plain, _ = plain_generate(medusa, ids, budget, eos=set())
     assert plain == greedy
     assert max(stats.accepted) >= 3 and min(stats.accepted) == 1  # long paths and rejections both ran
+    # later steps speculate from the last accepted position too (not the prompt's: 1 token a forward after the first)
+    assert max(stats.accepted[1:]) >= 3 and stats.tokens_per_forward >= 1.5
     assert stats.forwards < budget - 1
 
 
