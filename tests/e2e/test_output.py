@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.test_readme import short_val
 from tests.support.helpers import make_recipe
 
@@ -32,6 +34,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow  # long (~50-90 s): a documented flow on the real model; run with -m slow
 def test_quickstart_stderr_holds_ftkit_lines_only(smollm2, tmp_path):
     """The shipped quickstart (the real SmolLM2, converted once by the fixture), 6 steps, 8 val rows."""
     run = tmp_path / "quickstart"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
+
 from tests.integration.test_readme import DOCS, README, blocks, short_val
 from tests.support.helpers import run_cli
 
@@ -25,6 +27,7 @@ def after_training_commands() -> list[list[str]]:
     return commands + [c for c in commands_of(main_job) if c not in commands]
 
 
+@pytest.mark.slow  # long (~50-90 s): a documented flow on the real model; run with -m slow
 def test_after_training_commands_run(smollm2, tmp_path, monkeypatch):
     """On the real quickstart (SmolLM2), two steps, 8 val rows."""
     monkeypatch.chdir(README.parent)

@@ -237,6 +237,7 @@ def test_qlora_trains_on_the_real_model_and_its_adapter_loads_with_peft(smollm2,
     assert size < summary["trainable_params"] * 4 * 1.05  # only the LoRA matrices, fp32
 
 
+@pytest.mark.slow  # long (~50-90 s): a documented flow on the real model; run with -m slow
 def test_full_fine_tune_of_the_real_model_then_extract_a_lora_from_it(smollm2, tmp_path):
     recipe = _smol_recipe(tmp_path, "full", method={"name": "full"}, train={"lr": 2e-5})
     code, out, err = run_cli("train", str(recipe))

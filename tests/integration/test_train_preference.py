@@ -280,6 +280,7 @@ def test_every_method_and_objective_trains(short_run):
         assert train[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)  # step 1: policy = reference
 
 
+@pytest.mark.slow  # long (~50-90 s): a documented flow on the real model; run with -m slow
 def test_readme_dpo_after_sft_commands_run(smollm2, tmp_path, monkeypatch):
     """README's `ftkit train recipes/quickstart.yaml` then `ftkit train recipes/dpo.yaml` on the shipped
     data and the real model (DPO after SFT on SmolLM2): two steps each, 8 val rows (evaluating all 100
