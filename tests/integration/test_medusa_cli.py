@@ -177,7 +177,7 @@ def test_generate_refuses_sampling(runs):
     assert code == 2 and "--temperature" in err
 
 
-@pytest.mark.slow  # the worked recipe on tiny-llama with its 100 validation rows: ~20 s of CPU
+@pytest.mark.slow  # the worked recipes (tiny-llama, then SmolLM2), cut to two steps: ~60 s of CPU
 def test_docs_medusa_commands_run(tmp_path, monkeypatch):
     """docs/medusa.md's commands, the training cut to two steps on eight rows."""
     root = Path(__file__).resolve().parents[2]
@@ -188,6 +188,8 @@ def test_docs_medusa_commands_run(tmp_path, monkeypatch):
         ["ftkit", "generate"],
         ["ftkit", "eval"],
         ["ftkit", "methods"],
+        ["ftkit", "train"],  # the measured Medusa-2 recipe on SmolLM2
+        ["ftkit", "eval"],
     ]
     monkeypatch.chdir(root)
     run = tmp_path / "medusa"
@@ -201,6 +203,11 @@ def test_docs_medusa_commands_run(tmp_path, monkeypatch):
     assert code == 0 and "tokens_per_forward" in err, err
     code, out, err = run_cli(*commands[3][1:])
     assert code == 0 and "base: lora only" in out and "base: frozen has nothing to merge" in out
+    real = tmp_path / "medusa-real"
+    code, out, err = run_cli(*commands[4][1:3], "--set", "train.max_steps=2", "--output-dir", str(real))
+    assert (code, out) == (0, ""), err
+    code, out, err = run_cli("eval", str(real), "--max-samples", "2", "--max-new-tokens", "8")
+    assert code == 0 and "tokens_per_forward" in err, err
 
 
 @pytest.mark.slow  # greedy answers generated before training, then a kill and a resume: ~15 s of CPU
