@@ -7,7 +7,7 @@
 #      40 val rows (greedy)
 #   3. `ftkit compare` over those four best runs: OUT/compare/compare.md (+ .png, .json, .html)
 # Usage, from anywhere (paths are the repository's):
-#   recipes/study/run.sh [OUT]            # OUT default runs/study; ~30 min on 2 CPU cores
+#   recipes/study/run.sh [OUT]            # OUT default runs/study; ~12 min on 2 idle CPU cores (docs/study.md)
 #   recipes/study/run.sh OUT --dry-run    # validate every run and print what would run; run nothing
 # Running it again skips finished runs and resumes an interrupted one (ftkit sweep does).
 set -euo pipefail
