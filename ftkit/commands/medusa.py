@@ -22,6 +22,7 @@ import torch
 
 from ftkit.data import collate, render_prompt
 from ftkit.errors import ArgumentError, ModelError
+from ftkit.methods.medusa import head_targets
 from ftkit.methods.medusa_decode import (
     TREE,
     eos_ids,
@@ -36,8 +37,6 @@ from ftkit.tasks.causal_lm import GENERATION_SLACK_TOKENS, normalize, text_field
 from ftkit.tasks.evaluation import EvalOptions, EvalSet, Evaluation
 from ftkit.tasks.generation import build_prompt, encode_prompts
 from ftkit.tasks.prediction import Inputs, PredictOptions, write_predictions
-
-IGNORE = -100
 
 
 def predict(target: Target, tokenizer: Any, inputs: Inputs, options: PredictOptions, out: TextIO) -> list[str]:
@@ -77,16 +76,9 @@ def head_accuracy(model: Any, examples: list, pad_id: int, batch_size: int) -> l
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"]
-        for k in range(heads.num_heads):
-            shift = k + 2
-            if labels.shape[1] <= shift:
-                continue
-            target = labels[:, shift:]
-            keep = target != IGNORE
-            predicted = heads.logits(k, hidden[:, :-shift][keep]).argmax(-1)
-            correct[k] += int((predicted == target[keep]).sum())
-            total[k] += int(keep.sum())
+        for k, states, target in head_targets(hidden, batch["labels"], heads.num_heads):
+            correct[k] += int((heads.logits(k, states).argmax(-1) == target).sum())
+            total[k] += target.numel()
     return [c / max(t, 1) for c, t in zip(correct, total, strict=True)]
 
 

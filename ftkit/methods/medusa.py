@@ -311,18 +311,24 @@ class MedusaObjective:
             total = total + lm
             metrics["lm_loss"] = lm.detach()
         heads = model.medusa
-        for k in range(heads.num_heads):
-            shift = k + 2
-            if labels.shape[1] <= shift:
-                break
-            target = labels[:, shift:]
-            keep = target != IGNORE
-            logits = heads.logits(k, hidden[:, :-shift][keep]).float()
-            ce = F.cross_entropy(logits, target[keep], reduction="sum")
+        for k, states, target in head_targets(hidden, labels, heads.num_heads):
+            logits = heads.logits(k, states).float()
+            ce = F.cross_entropy(logits, target, reduction="sum")
             total = total + (self.config.decay**k) * ce
             metrics[f"medusa{k}_loss"] = ce.detach()
-            metrics[f"medusa{k}_acc"] = (logits.detach().argmax(-1) == target[keep]).sum()
+            metrics[f"medusa{k}_acc"] = (logits.detach().argmax(-1) == target).sum()
         return total, metrics
+
+
+def head_targets(hidden: torch.Tensor, labels: torch.Tensor, num_heads: int):
+    """Per head k with anything to predict: (k, the hidden states h_t of trained positions, their labels t+k+2)."""
+    for k in range(num_heads):
+        shift = k + 2
+        if labels.shape[1] <= shift:
+            return
+        target = labels[:, shift:]
+        keep = target != IGNORE
+        yield k, hidden[:, :-shift][keep], target[keep]
 
 
 # ---------------------------------------------------------------- self-distillation
