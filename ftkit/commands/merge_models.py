@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import AutoTokenizer
 
 from ftkit.commands.merge import REPORT_FILE
+from ftkit.commands.merge_moe import MoeConfig, moe_rule_problems, run_moe
 from ftkit.errors import FtkitError, ModelError, RecipeError
 from ftkit.io import check_out, publish
 from ftkit.models import bottleneck, hf_files
@@ -148,8 +149,6 @@ def load_merge_config(path: str | Path) -> Any:
     config = None
     schema, rules = MergeConfig, rule_problems
     if isinstance(data, dict) and data.get("method") == "moe":  # mixture of experts: its own keys
-        from ftkit.commands.merge_moe import MoeConfig, moe_rule_problems
-
         schema, rules = MoeConfig, moe_rule_problems
     if not isinstance(data, dict):
         problems.append(
@@ -254,8 +253,6 @@ def slerp(t: float, v0: Any, v1: Any) -> Any:
 def run_merge_config(config: Any, out: str | Path, overwrite: bool = False) -> dict:
     """Merge as `config` says into `out` (staged, then renamed); return {"summary": ...}."""
     if config.method == "moe":
-        from ftkit.commands.merge_moe import run_moe
-
         return run_moe(config, out, overwrite)
     out = Path(out)
     inputs = [m.model for m in config.models] + [s.model for s in config.slices] + [config.base]

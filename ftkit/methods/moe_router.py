@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+from ftkit.data import read_rows
 from ftkit.errors import ModelError
 from ftkit.methods.base import MethodHooks, RunInfo
 from ftkit.recipe.methods import MoeRouterConfig
-from ftkit.rundir import RECIPE, ROUTING
+from ftkit.rundir import ROUTING
 
 #: val rows per forward pass when measuring routing
 ROUTING_BATCH = 8
@@ -140,21 +141,13 @@ def _decoder(model: Any) -> Any:
 
 
 def val_by_domain(run: RunInfo) -> dict[str, list[Any]]:
-    """The run's val examples (as training tokenized them), grouped by domain."""
-    from ftkit.data import read_rows
-    from ftkit.data.splits import load_splits
-    from ftkit.models.load import load_tokenizer
-    from ftkit.recipe import load_recipe
-
-    recipe = load_recipe(Path(run.run_dir) / RECIPE)
-    tokenizer = load_tokenizer(recipe.model)
-    val = load_splits(recipe.data, tokenizer, recipe.train.seed).val
+    """The run's val examples (as training tokenized them), grouped by their row's `domain`, else file name."""
     domains: dict[str, str] = {}
-    for path in {str(ex.source).rsplit(":", 1)[0] for ex in val}:
+    for path in {str(ex.source).rsplit(":", 1)[0] for ex in run.val_examples}:
         for row, source in read_rows(path):
             domains[source] = str(row.get("domain") or Path(path).stem)
     grouped: dict[str, list[Any]] = defaultdict(list)
-    for example in val:
+    for example in run.val_examples:
         grouped[domains.get(str(example.source), Path(str(example.source).rsplit(":", 1)[0]).stem)].append(example)
     return dict(sorted(grouped.items()))
 
@@ -162,7 +155,7 @@ def val_by_domain(run: RunInfo) -> dict[str, list[Any]]:
 def measure_routing(model: Any, run: RunInfo) -> dict[str, dict]:
     """Per domain: rows, tokens, each expert's share of first choices and mean router probability (all
     layers, non-padding tokens)."""
-    if run.run_dir is None or not (Path(run.run_dir) / RECIPE).is_file():
+    if not run.val_examples:
         return {}
     grouped = val_by_domain(run)
     config = _moe_config(model)
