@@ -164,13 +164,8 @@ def train_loop(
             extra = window_metrics()
             if world > 1:  # each process's means, averaged over processes
                 keys = sorted(extra)
-                extra = dict(
-                    zip(
-                        keys,
-                        (v / world for v in collectives.global_sums(accelerator, [extra[k] for k in keys])),
-                        strict=True,
-                    )
-                )
+                sums = collectives.global_sums(accelerator, [extra[k] for k in keys])
+                extra = {key: total / world for key, total in zip(keys, sums, strict=True)}
             metric_sums |= extra
 
         grad_norm = collectives.grad_norm(accelerator, params, cfg.max_grad_norm)
